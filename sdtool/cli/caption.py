@@ -1,0 +1,58 @@
+"""Write captions (.caption) for images with a BLIP-family model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from sdtool.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageDirsArg,
+    JsonOpt,
+    OverwriteOpt,
+    Precision,
+    PrecisionOpt,
+    RecursiveOpt,
+    StrictOpt,
+    WorkersOpt,
+)
+
+NAME = "caption"
+NO_ARGS_IS_HELP = True
+DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
+
+
+def command(
+    dirs: ImageDirsArg,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hub id or local folder of a transformers image-to-text model.")
+    ] = DEFAULT_MODEL,
+    batch_size: BatchSizeOpt = 8,
+    workers: WorkersOpt = None,
+    num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")] = 1,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling instead of beams.")
+    ] = None,
+    max_length: Annotated[int, typer.Option("--max-length", min=1, help="Most new tokens in a caption.")] = 75,
+    min_length: Annotated[int, typer.Option("--min-length", min=0, help="Fewest new tokens in a caption.")] = 5,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", help="Text given to the model first; stripped from the output.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 42,
+    caption_extension: Annotated[str, typer.Option("--caption-extension", help="Sidecar extension.")] = ".caption",
+    overwrite: OverwriteOpt = False,
+    recursive: RecursiveOpt = False,
+    json_lines: JsonOpt = False,
+    precision: PrecisionOpt = Precision.fp32,
+    device: DeviceOpt = "auto",
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")
+    ] = False,
+    strict: StrictOpt = False,
+) -> None:
+    """Write captions (.caption) for images with a BLIP-family model."""
+    from sdtool.errors import NotImplementedYetError
+
+    raise NotImplementedYetError(NAME)

@@ -1,0 +1,60 @@
+"""Convert a checkpoint between single-file (.safetensors/.ckpt) and diffusers folder."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sdtool.cli.options import OverwriteOpt, Precision
+
+NAME = "convert"
+NO_ARGS_IS_HELP = True
+
+
+class TargetFormat(str, Enum):
+    diffusers = "diffusers"
+    safetensors = "safetensors"
+    ckpt = "ckpt"
+
+
+class ModelType(str, Enum):
+    auto = "auto"
+    v1 = "v1"
+    v2 = "v2"
+
+
+class Prediction(str, Enum):
+    auto = "auto"
+    epsilon = "epsilon"
+    v = "v"
+
+
+def command(
+    src: Annotated[str, typer.Argument(help="Single file, diffusers folder or hub id.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Output file or folder.", show_default=False)],
+    to: Annotated[
+        TargetFormat | None, typer.Option("--to", help="Output format (default: from DST's extension).")
+    ] = None,
+    precision: Annotated[Precision | None, typer.Option("--precision", help="Store weights in this precision.")] = None,
+    model_type: Annotated[ModelType, typer.Option("--model-type", help="SD v1 or v2 (default: detect).")] = (
+        ModelType.auto
+    ),
+    prediction: Annotated[
+        Prediction, typer.Option("--prediction", help="epsilon or v (default: detect).")
+    ] = Prediction.auto,
+    vae: Annotated[str | None, typer.Option("--vae", help="Replace the VAE with this one.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Diffusers folder to take configs and tokenizer from.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .ckpt files that need full unpickling (unsafe).")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Convert a checkpoint between single-file (.safetensors/.ckpt) and diffusers folder."""
+    from sdtool.errors import NotImplementedYetError
+
+    raise NotImplementedYetError(NAME)

@@ -1,0 +1,25 @@
+"""Run the whole chain offline on a generated dataset and a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sdtool.cli.options import DeviceOpt
+
+NAME = "demo"
+NO_ARGS_IS_HELP = False
+
+
+def command(
+    dir: Annotated[
+        Path | None, typer.Option("--dir", help="Where the demo writes everything (default: ./sdtool-demo).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Run the whole chain offline on a generated dataset and a tiny model."""
+    from sdtool.errors import NotImplementedYetError
+
+    raise NotImplementedYetError(NAME)

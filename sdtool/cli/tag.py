@@ -1,0 +1,68 @@
+"""Write booru tags (.txt) for images with a WD14 / DeepDanbooru ONNX tagger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sdtool.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    ImageDirsArg,
+    JsonOpt,
+    OverwriteOpt,
+    RecursiveOpt,
+    StrictOpt,
+    WorkersOpt,
+)
+
+NAME = "tag"
+NO_ARGS_IS_HELP = True
+DEFAULT_MODEL = "SmilingWolf/wd-v1-4-convnext-tagger-v2"
+
+
+def command(
+    dirs: ImageDirsArg,
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="SmilingWolf repo id, or a folder with model.onnx + selected_tags.csv."),
+    ] = DEFAULT_MODEL,
+    threshold: Annotated[float, typer.Option("--threshold", min=0.0, help="Base confidence threshold.")] = 0.35,
+    general_threshold: Annotated[
+        float | None, typer.Option("--general-threshold", min=0.0, help="Threshold for general tags.")
+    ] = None,
+    character_threshold: Annotated[
+        float | None, typer.Option("--character-threshold", min=0.0, help="Threshold for character tags.")
+    ] = None,
+    use_rating_tags: Annotated[bool, typer.Option("--use-rating-tags", help="Put the rating tag first.")] = False,
+    character_tags_first: Annotated[
+        bool, typer.Option("--character-tags-first", help="Character tags before general tags.")
+    ] = False,
+    remove_underscore: Annotated[
+        bool, typer.Option("--remove-underscore", help="'_' to ' ' in tags longer than 3 characters.")
+    ] = False,
+    undesired_tags: Annotated[str, typer.Option("--undesired-tags", help="Comma-separated tags never to write.")] = "",
+    always_first_tags: Annotated[
+        str, typer.Option("--always-first-tags", help="Comma-separated tags moved to the front, in this order.")
+    ] = "",
+    tag_separator: Annotated[str, typer.Option("--tag-separator", help="Separator between tags.")] = ", ",
+    append: Annotated[bool, typer.Option("--append", help="Add new tags to existing files.")] = False,
+    output_path: Annotated[
+        Path | None, typer.Option("--output-path", help="Write one metadata .json/.jsonl instead of sidecars.")
+    ] = None,
+    frequency: Annotated[bool, typer.Option("--frequency", help="Report how often each tag was written.")] = False,
+    caption_extension: Annotated[str, typer.Option("--caption-extension", help="Sidecar extension.")] = ".txt",
+    batch_size: BatchSizeOpt = 8,
+    workers: WorkersOpt = None,
+    recursive: RecursiveOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_lines: JsonOpt = False,
+    device: DeviceOpt = "auto",
+    strict: StrictOpt = False,
+) -> None:
+    """Write booru tags (.txt) for images with a WD14 / DeepDanbooru ONNX tagger."""
+    from sdtool.errors import NotImplementedYetError
+
+    raise NotImplementedYetError(NAME)

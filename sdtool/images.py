@@ -1,0 +1,181 @@
+"""The one way sdtool lists and opens images (CONTRACT §C).
+
+- extensions are matched case-insensitively (png, jpg, jpeg, webp, bmp; avif/jxl when a Pillow plugin is present);
+- EXIF orientation is applied, so every size is the *displayed* size;
+- alpha is composited onto white; palette, CMYK, 16-bit and grey images become 8-bit RGB;
+- decompression bombs (more than SDTOOL_MAX_PIXELS pixels) are refused before decoding;
+- `read_size` reads headers only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sdtool.errors import ImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default limit
+BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 or 270 degrees
+
+
+def image_extensions() -> tuple[str, ...]:
+    """The extensions sdtool reads; avif and jxl only when Pillow can open them."""
+    registered = Image.registered_extensions()
+    extra = tuple(ext for ext in (".avif", ".jxl") if ext in registered)
+    return BASE_EXTENSIONS + extra
+
+
+def is_image_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in image_extensions()
+
+
+def max_pixels() -> int:
+    value = os.environ.get("SDTOOL_MAX_PIXELS", "")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError as exc:
+        raise ImageError("SDTOOL_MAX_PIXELS", f"not a whole number: {value!r}") from exc
+    return limit
+
+
+def list_images(dirs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """Images in `dirs` (files given directly are kept as they are), sorted, without duplicates.
+
+    Hidden files and folders (names starting with '.') are passed over.
+    """
+    exts = set(image_extensions())
+    found: set[Path] = set()
+    for d in dirs:
+        d = Path(d)
+        if d.is_file():
+            found.add(d)
+            continue
+        if not d.is_dir():
+            raise ImageError(d, "no such folder")
+        walker = d.rglob("*") if recursive else d.glob("*")
+        for p in walker:
+            rel = p.relative_to(d)
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if p.suffix.lower() in exts and p.is_file():
+                found.add(p)
+    return sorted(found, key=lambda p: str(p))
+
+
+def _open_checked(path: Path) -> Image.Image:
+    """Open lazily (header only) and refuse bombs before any pixel is decoded."""
+    limit = max_pixels()
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file")
+        with warnings.catch_warnings():
+            # Our own limit applies below; Pillow's warning is redundant and its error is re-worded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(path, f"decompression bomb refused ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(path, "not an image Pillow can identify") from exc
+    except FileNotFoundError as exc:
+        raise ImageError(path, "file not found") from exc
+    except OSError as exc:
+        raise ImageError(path, f"cannot read header: {exc}") from exc
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        img.close()
+        raise ImageError(path, f"invalid size {w}x{h}")
+    if w * h > limit:
+        img.close()
+        raise ImageError(
+            path,
+            f"decompression bomb refused: {w}x{h} = {w * h:,} pixels is over the limit of {limit:,}",
+            hint="raise SDTOOL_MAX_PIXELS if the image is genuine",
+        )
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+        return int(value) if value else 1
+    except Exception:  # a broken EXIF block must not make a readable image unreadable
+        return 1
+
+
+def read_size(path: str | Path) -> tuple[int, int]:
+    """The displayed (EXIF-rotated) size from the header alone; raises ImageError."""
+    path = Path(path)
+    img = _open_checked(path)
+    try:
+        w, h = img.size
+        if _orientation(img) in _SWAPS_AXES:
+            w, h = h, w
+        return w, h
+    finally:
+        img.close()
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode to 8-bit RGB, displayed orientation, alpha on white; raises ImageError."""
+    path = Path(path)
+    img = _open_checked(path)
+    try:
+        with img:
+            img.load()
+            with contextlib.suppress(Exception):  # unreadable EXIF: keep the stored orientation
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(path, f"corrupt or truncated image data: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        img = _high_bit_depth_to_l(img)
+        mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("L", "1") and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB" and "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit int/float) grey to 8-bit by scaling, not clipping as Pillow's convert does."""
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        peak = 1.0 if arr.size and float(arr.max()) <= 1.0 else 255.0
+    elif img.mode.startswith("I;16") or (arr.size and float(arr.max()) > 255):
+        peak = 65535.0
+    else:
+        peak = 255.0
+    arr = np.clip(np.rint(arr / peak * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="L")

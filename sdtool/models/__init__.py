@@ -1,0 +1,1 @@
+"""Every model load and save in sdtool goes through this package."""

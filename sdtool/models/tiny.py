@@ -1,0 +1,157 @@
+"""Tiny SD-shaped models built offline from configs, for tests and `sdtool demo`.
+
+They have SD's structure (four U-Net and VAE blocks, cross-attention in the first three U-Net levels, a CLIP text
+encoder and a BPE tokenizer) at a size that trains on a CPU in seconds. `v1` pads with EOS and predicts epsilon
+like SD 1.x; `v2` uses linear projections, gelu, "!" padding and v-prediction like SD 2.x-768-v.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+TinyKind = Literal["v1", "v2"]
+
+# Words the tiny tokenizer knows as whole tokens; anything else falls back to characters (still valid BPE).
+_WORDS = (
+    "a photo of cat dog girl boy man woman red blue green white black yellow sky tree house car "
+    "flower sitting standing on in the with and painting drawing portrait landscape solo 1girl 1boy "
+    "long short hair eyes smile looking at viewer outdoors indoors day night simple background "
+    "highres best quality masterpiece picture small large tall wide square image sdtool demo circle "
+    "stripes gradient"
+).split()
+
+TINY_TEXT_WIDTH = 32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE vocabulary: all bytes, bytes + '</w>', merges for `_WORDS`, specials last."""
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    known = set(tokens)
+    for word in _WORDS:
+        pieces = list(word)
+        pieces[-1] += "</w>"
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merged = current + nxt
+            if merged not in known:
+                merges.append((current, nxt))
+                tokens.append(merged)
+                known.add(merged)
+            current = merged
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def build_tiny_tokenizer(kind: TinyKind = "v1") -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab_and_merges()
+    pad = "<|endoftext|>" if kind == "v1" else "!"
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
+
+
+def tiny_configs(kind: TinyKind = "v1") -> dict[str, dict[str, Any]]:
+    """Configs of the tiny U-Net, VAE and text encoder (plain dicts so they can be inspected and saved)."""
+    vocab, _ = tiny_vocab_and_merges()
+    v2 = kind == "v2"
+    unet = dict(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        cross_attention_dim=TINY_TEXT_WIDTH,
+        attention_head_dim=(2, 2, 4, 4) if v2 else 2,
+        use_linear_projection=v2,
+        upcast_attention=v2,
+        norm_num_groups=32,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=0.18215,
+    )
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=TINY_TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if v2 else "quick_gelu",
+        projection_dim=TINY_TEXT_WIDTH,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["!"] if v2 else vocab["<|endoftext|>"],
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def build_tiny_pipeline(kind: TinyKind = "v1", seed: int = 0) -> Any:
+    """A StableDiffusionPipeline with tiny SD-shaped components and fixed-seed random weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = tiny_configs(kind)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**configs["vae"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    schedule = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    if kind == "v2":
+        scheduler = DDIMScheduler(**schedule, clip_sample=False, prediction_type="v_prediction")
+    else:
+        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, prediction_type="epsilon")
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tiny_tokenizer(kind),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_model(path: str | Path, kind: TinyKind = "v1", seed: int = 0) -> Path:
+    """Write a tiny SD-shaped diffusers folder (safetensors weights) and return its path."""
+    path = Path(path)
+    pipe = build_tiny_pipeline(kind, seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny SD-shaped models built offline, generated images, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Nothing in the tests may reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_v1(tmp_path_factory) -> Path:
+    """A tiny SD-1.x-shaped diffusers folder: EOS padding, epsilon prediction."""
+    from sdtool.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-v1", "v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_v2(tmp_path_factory) -> Path:
+    """A tiny SD-2.x-768-v-shaped diffusers folder: '!' padding, linear projection, v-prediction."""
+    from sdtool.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-v2", "v2")
+
+
+@pytest.fixture
+def cli():
+    """Invoke the Typer app in-process; stdout and stderr stay separate."""
+    from typer.testing import CliRunner
+
+    from sdtool.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, **kwargs):
+        return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+    return invoke
+
+
+def run_sdtool(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600):
+    """Run `python -m sdtool …` in a subprocess, the way a user's shell does."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "sdtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def sdtool_proc():
+    return run_sdtool
