@@ -76,3 +76,9 @@ def run_sdtool(*args: str, env: dict[str, str] | None = None, cwd: Path | None =
 @pytest.fixture
 def sdtool_proc():
     return run_sdtool
+
+
+def pytest_configure(config):
+    from sdtool.runtime import quiet_third_party
+
+    quiet_third_party()
