@@ -40,6 +40,8 @@ class SDModel:
     ldm_extras: dict[str, Any] = field(default_factory=dict)
     # The source file's safetensors metadata (modelspec …), {} otherwise.
     source_metadata: dict[str, str] = field(default_factory=dict)
+    # The float dtype the source stores its weights in (None when unknown), whatever `dtype` they were loaded in.
+    source_dtype: Any = None
 
     @property
     def prediction_type(self) -> str:
@@ -154,7 +156,40 @@ def _load_diffusers(
     detected_v = scheduler_config.get("prediction_type") == "v_prediction"
     v2, v = resolve_flags(detect_v2(unet_config, text_config), detected_v, model_type, prediction, src)
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
-    return SDModel(source=src, v2=v2, v_prediction=v, scheduler_config=scheduler_config, **loaded)
+    return SDModel(
+        source=src,
+        v2=v2,
+        v_prediction=v,
+        scheduler_config=scheduler_config,
+        source_dtype=_folder_dtype(Path(src) / "unet"),
+        **loaded,
+    )
+
+
+def _folder_dtype(folder: Path) -> Any:
+    """The float dtype of a local diffusers component's safetensors weights, read from the header only."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    counts: dict[Any, int] = {}
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                piece = f.get_slice(key)
+                dtype_name = piece.get_dtype()
+                size = 1
+                for dim in piece.get_shape():
+                    size *= dim
+                counts[dtype_name] = counts.get(dtype_name, 0) + size
+    except Exception:
+        return None
+    import torch
+
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    floats = {names[k]: v for k, v in counts.items() if k in names}
+    return max(floats, key=lambda d: floats[d]) if floats else None
 
 
 def _text_config(src: str) -> dict[str, Any] | None:
@@ -203,7 +238,7 @@ def _load_single_file(
     components: tuple[str, ...],
 ) -> SDModel:
     from sdtool.models import ldm_keys
-    from sdtool.models.checkpoint import read_checkpoint
+    from sdtool.models.checkpoint import dominant_float_dtype, read_checkpoint
 
     state_dict, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     state_dict = ldm_keys.normalize_ldm_keys(state_dict)
@@ -243,6 +278,7 @@ def _load_single_file(
         scheduler_config=scheduler_config,
         ldm_extras=extras,
         source_metadata=metadata,
+        source_dtype=dominant_float_dtype(state_dict),
         **loaded,
     )
 
@@ -343,7 +379,13 @@ def _tokenizer_for(config_dir: Path, v2: bool, explicit: bool) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
+    """A short reason: diffusers' shape-mismatch errors shortened to the key and both shapes."""
+    import re
+
     text = str(exc).strip()
+    shape = re.search(r"(\S+) expected shape (.+?), but got (.+?)\. ", text)
+    if shape:
+        return f"{shape[1]} is {shape[3]} in the file but {shape[2]} in the config"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
