@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _unpickling_reason(exc)
         if not allow_pickle:
             # weights_only refuses any global it does not know before calling it, so the payload never ran.
             raise UnsafeCheckpointError(
@@ -74,6 +75,18 @@ def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if not tensors:
         raise ModelError(f"{path}: holds no tensors")
     return tensors
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's long weights_only message that says what the file needs (e.g. `Unsupported global: …`)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if found:
+        return f"it asks for {found[1]}"
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().rstrip(".")
+    return next((line for line in lines if line), type(exc).__name__)
 
 
 def dominant_float_dtype(state_dict: dict[str, Any]) -> Any:

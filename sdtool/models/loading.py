@@ -150,7 +150,7 @@ def _load_diffusers(
             te_kwargs = {"dtype": dtype} if dtype is not None else {}
             loaded["text_encoder"] = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **te_kwargs)
         if "tokenizer" in components:
-            loaded["tokenizer"] = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+            loaded["tokenizer"] = checked_tokenizer(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"), src)
     except OSError as exc:
         raise ModelError(f"{src}: cannot load the model ({exc})") from exc
     detected_v = scheduler_config.get("prediction_type") == "v_prediction"
@@ -359,17 +359,26 @@ def _fit_projections(state_dict: dict[str, Any], linear: bool) -> dict[str, Any]
     return out
 
 
+def checked_tokenizer(tokenizer: Any, where: str) -> Any:
+    """Refuse an empty tokenizer: transformers 5 returns one (2 tokens) instead of failing when files are missing."""
+    if len(tokenizer) < 256:  # a byte-level BPE vocabulary has at least the 256 byte tokens
+        raise OSError(f"no tokenizer files found for {where} (got an empty vocabulary)")
+    return tokenizer
+
+
 def _tokenizer_for(config_dir: Path, v2: bool, explicit: bool) -> Any:
     from transformers import CLIPTokenizer
 
     if explicit:
         try:
-            return CLIPTokenizer.from_pretrained(str(config_dir), subfolder="tokenizer")
+            return checked_tokenizer(
+                CLIPTokenizer.from_pretrained(str(config_dir), subfolder="tokenizer"), "tokenizer/"
+            )
         except (OSError, ValueError) as exc:
             raise ModelError(f"{config_dir}: no usable tokenizer/ ({_first_line(exc)})") from exc
     repo, subfolder = DEFAULT_TOKENIZERS["v2" if v2 else "v1"]
     try:
-        return CLIPTokenizer.from_pretrained(repo, subfolder=subfolder)
+        return checked_tokenizer(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder), repo)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"the SD {'v2' if v2 else 'v1'} tokenizer ({repo}) is neither in the hub cache nor downloadable "
