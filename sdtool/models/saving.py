@@ -215,5 +215,5 @@ def save_diffusers(model: SDModel, path: str | Path, dtype: Any = None, safe_ser
         requires_safety_checker=False,
     )
     with atomic_path(path) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
+        pipe.save_pretrained(tmp, safe_serialization=safe_serialization)  # type: ignore[attr-defined]
     return path
