@@ -38,7 +38,9 @@ def command(
     to: Annotated[
         TargetFormat | None, typer.Option("--to", help="Output format (default: from DST's extension).")
     ] = None,
-    precision: Annotated[Precision | None, typer.Option("--precision", help="Store weights in this precision.")] = None,
+    precision: Annotated[
+        Precision | None, typer.Option("--precision", help="Store weights in this precision (default: as SRC).")
+    ] = None,
     model_type: Annotated[ModelType, typer.Option("--model-type", help="SD v1 or v2 (default: detect).")] = (
         ModelType.auto
     ),
@@ -55,6 +57,18 @@ def command(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Convert a checkpoint between single-file (.safetensors/.ckpt) and diffusers folder."""
-    from sdtool.errors import NotImplementedYetError
+    from sdtool.models.convert import convert_checkpoint
 
-    raise NotImplementedYetError(NAME)
+    result = convert_checkpoint(
+        src,
+        dst,
+        to=to.value if to is not None else None,
+        precision=precision.value if precision is not None else None,
+        model_type=model_type.value,
+        prediction=prediction.value,
+        vae=vae,
+        config=config,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+    )
+    typer.echo(str(result.path))

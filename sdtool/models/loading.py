@@ -1,7 +1,11 @@
 """Load an SD v1.x / v2.x model: every `from_pretrained` / `from_single_file` call lives in this package.
 
 `load_model` returns an `SDModel` with the components and what was detected about them (v1 or v2, epsilon or v).
-Sources: a diffusers folder or a hub id (single files: see the model I/O issue).
+Sources: a diffusers folder, a hub id, or a single file (.safetensors, .ckpt/.pt) in the original LDM layout.
+
+Single files are loaded through diffusers' own single-file support (`from_single_file`), which needs diffusers
+configs: those of `config=` (a diffusers folder), or else the defaults shipped in `sdtool/models/configs/` for
+SD1.5, SD2-512 and SD2-768-v. The defaults carry no tokenizer; it comes from the hub (or its cache).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sdtool.console import warn
 from sdtool.errors import ModelError, UsageError
 from sdtool.runtime import quiet_third_party
 
@@ -30,6 +35,13 @@ class SDModel:
     text_encoder: Any = None
     tokenizer: Any = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    # OpenCLIP keys of a source single file that diffusers has no place for (v2 `text_projection`, `logit_scale`,
+    # the unused 24th block): carried into single files saved from this model.
+    ldm_extras: dict[str, Any] = field(default_factory=dict)
+    # The source file's safetensors metadata (modelspec …), {} otherwise.
+    source_metadata: dict[str, str] = field(default_factory=dict)
+    # The float dtype the source stores its weights in (None when unknown), whatever `dtype` they were loaded in.
+    source_dtype: Any = None
 
     @property
     def prediction_type(self) -> str:
@@ -75,6 +87,9 @@ def resolve_flags(
     v = bool(detected_v)
     if prediction != "auto":
         v = prediction == "v"
+        if detected_v is not None and v != detected_v:
+            said = "v_prediction" if detected_v else "epsilon"
+            warn(f"{where}: predicting {'v' if v else 'epsilon'} as asked, although the model says {said}")
     return v2, v
 
 
@@ -88,14 +103,28 @@ def load_model(
     dtype: Any = None,
     components: tuple[str, ...] = COMPONENTS,
 ) -> SDModel:
-    """Load the requested components of an SD model from a diffusers folder or a hub id."""
+    """Load the requested components of an SD model from a diffusers folder, a hub id or a single file.
+
+    `config` (a diffusers folder) supplies configs, tokenizer and scheduler for a single file; explicit
+    `model_type` / `prediction` win over detection, and a model type that contradicts the weights is a UsageError.
+    `dtype` None keeps diffusers' default (fp32); `components` may omit any of unet, vae, text_encoder, tokenizer.
+    """
     quiet_third_party()
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise UsageError(f"unknown model components {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
     src = str(source)
     path = Path(src)
+    if path.is_file():
+        return _load_single_file(path, config, model_type, prediction, allow_pickle, dtype, components)
     if path.exists() and not _is_diffusers_folder(path):
-        raise ModelError(f"{src}: not a diffusers folder", hint="single files are converted with 'sdtool convert'")
+        raise ModelError(
+            f"{src}: neither a diffusers folder nor a single file", hint="expected model_index.json or unet/ inside"
+        )
     if not path.exists() and (src.count("/") != 1 or src.startswith((".", "/"))):
         raise ModelError(f"{src}: no such file or folder, and not a hub id (owner/name)")
+    if config is not None:
+        raise UsageError(f"{src}: a config folder only applies to single-file models (a diffusers model has its own)")
     return _load_diffusers(src, model_type, prediction, dtype, components)
 
 
@@ -121,12 +150,46 @@ def _load_diffusers(
             te_kwargs = {"dtype": dtype} if dtype is not None else {}
             loaded["text_encoder"] = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **te_kwargs)
         if "tokenizer" in components:
-            loaded["tokenizer"] = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+            loaded["tokenizer"] = checked_tokenizer(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"), src)
     except OSError as exc:
         raise ModelError(f"{src}: cannot load the model ({exc})") from exc
     detected_v = scheduler_config.get("prediction_type") == "v_prediction"
     v2, v = resolve_flags(detect_v2(unet_config, text_config), detected_v, model_type, prediction, src)
-    return SDModel(source=src, v2=v2, v_prediction=v, scheduler_config=scheduler_config, **loaded)
+    scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
+    return SDModel(
+        source=src,
+        v2=v2,
+        v_prediction=v,
+        scheduler_config=scheduler_config,
+        source_dtype=_folder_dtype(Path(src) / "unet"),
+        **loaded,
+    )
+
+
+def _folder_dtype(folder: Path) -> Any:
+    """The float dtype of a local diffusers component's safetensors weights, read from the header only."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    counts: dict[Any, int] = {}
+    try:
+        with safe_open(str(files[0]), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                piece = f.get_slice(key)
+                dtype_name = piece.get_dtype()
+                size = 1
+                for dim in piece.get_shape():
+                    size *= dim
+                counts[dtype_name] = counts.get(dtype_name, 0) + size
+    except Exception:
+        return None
+    import torch
+
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+    floats = {names[k]: v for k, v in counts.items() if k in names}
+    return max(floats, key=lambda d: floats[d]) if floats else None
 
 
 def _text_config(src: str) -> dict[str, Any] | None:
@@ -138,17 +201,280 @@ def _text_config(src: str) -> dict[str, Any] | None:
         return None
 
 
-def load_vae(source: str | Path, *, dtype: Any = None, allow_pickle: bool = False) -> Any:
-    """A VAE from a VAE-only diffusers folder, or the `vae/` of a full model folder or hub id."""
+# Built-in configs for single files loaded without `config=` (package data), and where their tokenizers live.
+CONFIGS_DIR = Path(__file__).parent / "configs"
+DEFAULT_TOKENIZERS = {
+    "v1": ("openai/clip-vit-large-patch14", None),
+    "v2": ("stabilityai/stable-diffusion-2", "tokenizer"),
+}
+
+
+def default_config_dir(v2: bool, v_prediction: bool) -> Path:
+    """The shipped diffusers configs for SD1.5, SD2-512 (epsilon) or SD2-768-v."""
+    name = ("sd2-768-v" if v_prediction else "sd2-512") if v2 else "sd15"
+    return CONFIGS_DIR / name
+
+
+def prediction_from_metadata(metadata: dict[str, str]) -> bool | None:
+    """v-prediction from modelspec metadata (`prediction_type`, else an architecture ending in `-v`); None: unknown."""
+    kind = metadata.get("modelspec.prediction_type", "").strip().lower()
+    if kind in ("v", "v_prediction", "v-prediction"):
+        return True
+    if kind == "epsilon":
+        return False
+    arch = metadata.get("modelspec.architecture", "").strip().lower()
+    if arch.startswith("stable-diffusion-v2") or arch == "stable-diffusion-v1":
+        return arch.endswith("-v")
+    return None
+
+
+def _load_single_file(
+    path: Path,
+    config: str | Path | None,
+    model_type: ModelTypeArg,
+    prediction: PredictionArg,
+    allow_pickle: bool,
+    dtype: Any,
+    components: tuple[str, ...],
+) -> SDModel:
+    from sdtool.models import ldm_keys
+    from sdtool.models.checkpoint import dominant_float_dtype, read_checkpoint
+
+    state_dict, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
+    state_dict = ldm_keys.normalize_ldm_keys(state_dict)
+    if not ldm_keys.has_component(state_dict, "unet"):
+        raise ModelError(f"{path}: no U-Net weights ({ldm_keys.UNET_PREFIX}*): not an SD checkpoint in LDM layout")
+    detected_v = prediction_from_metadata(metadata)
+    config_dir: Path | None = None
+    if config is not None:
+        config_dir = Path(config)
+        if not _is_diffusers_folder(config_dir):
+            raise UsageError(f"{config}: not a diffusers folder (no model_index.json or unet/) to take configs from")
+        if detected_v is None:
+            detected_v = _scheduler_config(config_dir).get("prediction_type") == "v_prediction"
+    detected_v2 = ldm_keys.detect_v2_ldm(state_dict)
+    v2, v = resolve_flags(detected_v2, detected_v, model_type, prediction, str(path))
+    if config_dir is None:
+        if detected_v2 is None and model_type == "auto":
+            raise ModelError(
+                f"{path}: cannot tell SD v1 from v2 (no text encoder, unusual cross-attention width)",
+                hint="pass --model-type, or --config with the model's diffusers folder",
+            )
+        if v2 and detected_v is None and prediction == "auto":
+            warn(f"{path}: no prediction type recorded; assuming epsilon (pass --prediction v for a 768-v model)")
+        config_dir = default_config_dir(v2, v)
+    scheduler_config = _scheduler_config(config_dir)
+    scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
+
+    loaded = _components_from_ldm(path, state_dict, config_dir, dtype, components, v2, explicit=config is not None)
+    extras: dict[str, Any] = {}
+    if v2:
+        layers = int(_json(config_dir / "text_encoder" / "config.json")["num_hidden_layers"])
+        extras = ldm_keys.openclip_extras(state_dict, layers)
+    return SDModel(
+        source=str(path),
+        v2=v2,
+        v_prediction=v,
+        scheduler_config=scheduler_config,
+        ldm_extras=extras,
+        source_metadata=metadata,
+        source_dtype=dominant_float_dtype(state_dict),
+        **loaded,
+    )
+
+
+def _json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the config ({exc})") from exc
+
+
+def _scheduler_config(config_dir: Path) -> dict[str, Any]:
+    path = config_dir / "scheduler" / "scheduler_config.json"
+    return _json(path) if path.is_file() else {}
+
+
+def _components_from_ldm(
+    path: Path,
+    state_dict: dict[str, Any],
+    config_dir: Path,
+    dtype: Any,
+    components: tuple[str, ...],
+    v2: bool,
+    explicit: bool,
+) -> dict[str, Any]:
+    """Build the diffusers components from LDM weights with diffusers' single-file loaders."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    from sdtool.models import ldm_keys
+
+    cfg = str(config_dir)
+    where = f"the configs in {config_dir}" if explicit else f"the built-in {config_dir.name} configs"
+    hint = "pass --config with a diffusers folder of the same architecture"
+    loaded: dict[str, Any] = {}
+    try:
+        if "unet" in components:
+            unet_config = _json(config_dir / "unet" / "config.json")
+            weights = _fit_projections(state_dict, bool(unet_config.get("use_linear_projection")))
+            loaded["unet"] = UNet2DConditionModel.from_single_file(
+                weights, config=cfg, subfolder="unet", torch_dtype=dtype
+            )
+        if "vae" in components:
+            if not ldm_keys.has_component(state_dict, "vae"):
+                raise ModelError(f"{path}: holds no VAE ({ldm_keys.VAE_PREFIX}*)", hint="supply one with --vae")
+            loaded["vae"] = AutoencoderKL.from_single_file(state_dict, config=cfg, subfolder="vae", torch_dtype=dtype)
+        if "text_encoder" in components:
+            if not ldm_keys.has_component(state_dict, "text_encoder"):
+                raise ModelError(f"{path}: holds no text encoder (cond_stage_model.*)")
+            loaded["text_encoder"] = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, state_dict, subfolder="text_encoder", config=cfg, torch_dtype=dtype
+            )
+    except ModelError:
+        raise
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise ModelError(f"{path}: the weights do not fit {where} ({_first_line(exc)})", hint=hint) from exc
+    for name, module in loaded.items():
+        missing = [n for n, p in module.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ModelError(f"{path}: {len(missing)} {name} weights missing for {where}, e.g. {missing[0]}", hint=hint)
+    if "tokenizer" in components:
+        loaded["tokenizer"] = _tokenizer_for(config_dir, v2, explicit)
+    return loaded
+
+
+def _fit_projections(state_dict: dict[str, Any], linear: bool) -> dict[str, Any]:
+    """SD2 files store transformer proj_in/out as linear weights, SD1 files as 1×1 convs: match the config's choice."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if key.startswith("model.diffusion_model.") and key.endswith(("proj_in.weight", "proj_out.weight")):
+            if linear and value.ndim == 4:
+                out[key] = value[:, :, 0, 0]
+            elif not linear and value.ndim == 2:
+                out[key] = value[:, :, None, None]
+    return out
+
+
+def checked_tokenizer(tokenizer: Any, where: str) -> Any:
+    """Refuse an empty tokenizer: transformers 5 returns one (2 tokens) instead of failing when files are missing."""
+    if len(tokenizer) < 256:  # a byte-level BPE vocabulary has at least the 256 byte tokens
+        raise OSError(f"no tokenizer files found for {where} (got an empty vocabulary)")
+    return tokenizer
+
+
+def _tokenizer_for(config_dir: Path, v2: bool, explicit: bool) -> Any:
+    from transformers import CLIPTokenizer
+
+    if explicit:
+        try:
+            return checked_tokenizer(
+                CLIPTokenizer.from_pretrained(str(config_dir), subfolder="tokenizer"), "tokenizer/"
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{config_dir}: no usable tokenizer/ ({_first_line(exc)})") from exc
+    repo, subfolder = DEFAULT_TOKENIZERS["v2" if v2 else "v1"]
+    try:
+        return checked_tokenizer(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder), repo)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"the SD {'v2' if v2 else 'v1'} tokenizer ({repo}) is neither in the hub cache nor downloadable "
+            f"({_first_line(exc)})",
+            hint="pass --config DIR, a diffusers folder of the same model family with a tokenizer/ in it",
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    """A short reason: diffusers' shape-mismatch errors shortened to the key and both shapes."""
+    import re
+
+    text = str(exc).strip()
+    shape = re.search(r"(\S+) expected shape (.+?), but got (.+?)\. ", text)
+    if shape:
+        return f"{shape[1]} is {shape[3]} in the file but {shape[2]} in the config"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_vae(
+    source: str | Path, *, dtype: Any = None, allow_pickle: bool = False, config: str | Path | None = None
+) -> Any:
+    """A VAE from a VAE-only diffusers folder, the `vae/` of a model folder or hub id, or a single file.
+
+    Single files may be a VAE alone (LDM or diffusers keys) or a full LDM checkpoint; their config comes from
+    `config` (a diffusers folder or a VAE folder) or is read off the weights' shapes.
+    """
     quiet_third_party()
     from diffusers import AutoencoderKL
 
     src = str(source)
     path = Path(src)
     kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
+    if path.is_file():
+        return _load_vae_file(path, dtype, allow_pickle, config)
     try:
         if path.is_dir() and (path / "config.json").is_file():
             return AutoencoderKL.from_pretrained(src, **kwargs)
         return AutoencoderKL.from_pretrained(src, subfolder="vae", **kwargs)
     except OSError as exc:
         raise ModelError(f"{src}: cannot load a VAE ({exc})") from exc
+
+
+def _load_vae_file(path: Path, dtype: Any, allow_pickle: bool, config: str | Path | None) -> Any:
+    from diffusers import AutoencoderKL
+
+    from sdtool.models import ldm_keys
+    from sdtool.models.checkpoint import read_checkpoint
+
+    state_dict, _ = read_checkpoint(path, allow_pickle=allow_pickle)
+    if ldm_keys.has_component(state_dict, "vae"):  # a full checkpoint: keep only its VAE
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith(ldm_keys.VAE_PREFIX)}
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if config is not None:
+        cfg = Path(config)
+        kwargs.update(config=str(cfg), subfolder=None if (cfg / "config.json").is_file() else "vae")
+    else:
+        kwargs["original_config"] = _vae_original_config(path, state_dict)
+    try:
+        vae = AutoencoderKL.from_single_file(state_dict, **kwargs)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise ModelError(f"{path}: cannot load a VAE from it ({_first_line(exc)})") from exc
+    missing = [n for n, p in vae.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ModelError(f"{path}: not a complete VAE ({len(missing)} weights missing, e.g. {missing[0]})")
+    return vae
+
+
+def _vae_original_config(path: Path, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An LDM-style VAE config read off the weights (LDM or diffusers keys), for diffusers' `original_config=`."""
+    import re
+
+    keys = {k.removeprefix("first_stage_model.").removeprefix("vae."): v for k, v in state_dict.items()}
+    ldm = "encoder.down.0.block.0.conv1.weight" in keys
+    level = r"encoder\.down\.(\d+)\.block\.(\d+)\." if ldm else r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\."
+    found = [(int(m[1]), int(m[2])) for k in keys if (m := re.match(level, k))]
+    try:
+        if not found:
+            raise KeyError("encoder blocks")
+        levels = 1 + max(i for i, _ in found)
+        layers = 1 + max(j for _, j in found)
+
+        def width(i: int) -> int:
+            name = f"encoder.down.{i}.block.0" if ldm else f"encoder.down_blocks.{i}.resnets.0"
+            return int(keys[f"{name}.conv1.weight"].shape[0])
+
+        ch = width(0)
+        ddconfig = {
+            "ch": ch,
+            "ch_mult": [width(i) // ch for i in range(levels)],
+            "num_res_blocks": layers,
+            "z_channels": int(keys["post_quant_conv.weight"].shape[0]),
+            "in_channels": int(keys["encoder.conv_in.weight"].shape[1]),
+            "out_ch": int(keys["decoder.conv_out.weight"].shape[0]),
+            "resolution": 256,
+        }
+    except KeyError as exc:
+        raise ModelError(f"{path}: not a VAE (missing {exc})", hint="pass the VAE's diffusers config folder") from exc
+    return {"model": {"params": {"first_stage_config": {"params": {"ddconfig": ddconfig}}}}}

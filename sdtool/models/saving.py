@@ -1,0 +1,219 @@
+"""Save SD models: single files in the original LDM layout (with modelspec metadata) and diffusers folders.
+
+The API training and `sdtool convert` share:
+- `save_single_file(model_or_components, path, v2=…, v_prediction=…, dtype=…, metadata=…, fmt=…)`
+- `save_diffusers(model, path, dtype=…, safe_serialization=…)`
+- `modelspec_metadata(v2=…, v_prediction=…, title=…, …)` for the safetensors header.
+Every write goes through `sdtool.fsutil.atomic_path`; the models passed in are never modified (casts work on copies).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from sdtool.errors import ModelError, UsageError
+from sdtool.fsutil import atomic_path
+from sdtool.models.loading import SDModel
+
+SingleFileFormat = Literal["safetensors", "ckpt"]
+MODELSPEC_VERSION = "1.0.1"
+# kohya's sd-scripts writes this for SD1/SD2 too; modelspec readers key on it.
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def modelspec_architecture(v2: bool, v_prediction: bool) -> str:
+    """stable-diffusion-v1 / stable-diffusion-v2-512 / stable-diffusion-v2-768-v."""
+    if not v2:
+        return "stable-diffusion-v1"
+    return "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+
+
+def modelspec_metadata(
+    *,
+    v2: bool,
+    v_prediction: bool,
+    title: str,
+    resolution: tuple[int, int] | int | None = None,
+    encoder_layer: int | None = None,
+    date: datetime.datetime | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """modelspec 1.0.1 metadata for an SD1/SD2 single file (all values strings, as safetensors requires)."""
+    when = (date or datetime.datetime.now()).astimezone().replace(microsecond=0)
+    meta = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": modelspec_architecture(v2, v_prediction),
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+        "modelspec.title": title,
+        "modelspec.date": when.isoformat(),
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+    if resolution is not None:
+        width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+        meta["modelspec.resolution"] = f"{width}x{height}"
+    if encoder_layer is not None:
+        meta["modelspec.encoder_layer"] = str(encoder_layer)
+    for key, value in (extra or {}).items():
+        meta[str(key)] = value if isinstance(value, str) else str(value)
+    return meta
+
+
+def native_resolution(unet: Any, vae: Any = None) -> int | None:
+    """The image size the U-Net was configured for: sample_size × the VAE's downscale factor."""
+    sample = getattr(unet.config, "sample_size", None) if unet is not None else None
+    if not isinstance(sample, int):
+        return None
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+    return sample * factor
+
+
+def ldm_state_dict(
+    unet: Any, vae: Any, text_encoder: Any, *, v2: bool, extras: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The LDM single-file state dict of the given diffusers components (any may be None)."""
+    from sdtool.models import ldm_keys
+
+    out: dict[str, Any] = {}
+    if unet is not None:
+        out.update(ldm_keys.unet_to_ldm(unet.state_dict(), unet.config, v2=v2))
+    if vae is not None:
+        out.update(ldm_keys.vae_to_ldm(vae.state_dict(), vae.config))
+    if text_encoder is not None:
+        te = text_encoder.state_dict()
+        out.update(ldm_keys.openclip_to_ldm(te, extras) if v2 else ldm_keys.clip_to_ldm(te))
+    return out
+
+
+def _finalize(state_dict: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Cast floats to `dtype` and give every tensor its own contiguous storage (safetensors refuses shared ones)."""
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def single_file_format(path: str | Path, fmt: str | None = None) -> SingleFileFormat:
+    """`fmt` if given, else from the extension (.safetensors, .ckpt/.pt)."""
+    if fmt is None:
+        suffix = Path(path).suffix.lower()
+        fmt = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}.get(suffix)
+        if fmt is None:
+            raise UsageError(f"{path}: cannot tell the file format from {suffix or 'no extension'!r}")
+    if fmt not in ("safetensors", "ckpt"):
+        raise UsageError(f"unknown single-file format {fmt!r}; use safetensors or ckpt")
+    return fmt  # type: ignore[return-value]
+
+
+def save_single_file(
+    model_or_components: SDModel | Mapping[str, Any],
+    path: str | Path,
+    *,
+    v2: bool,
+    v_prediction: bool,
+    dtype: Any = None,
+    metadata: Mapping[str, str] | None = None,
+    fmt: SingleFileFormat | None = None,
+    ckpt_extra: Mapping[str, int] | None = None,
+) -> Path:
+    """Write an LDM-layout single file atomically and return its path.
+
+    `model_or_components` is an `SDModel` or a mapping with `unet`, `vae`, `text_encoder` (any may be missing,
+    e.g. to write a U-Net-only file) and optionally `ldm_extras`. `dtype` casts every float tensor (None keeps
+    each tensor's own). `metadata` goes into the safetensors header (build it with `modelspec_metadata`); a `.ckpt`
+    is a plain `{"state_dict": …}` (plus `ckpt_extra` ints such as epoch / global_step), loadable with
+    `torch.load(weights_only=True)`.
+    """
+    import torch
+
+    path = Path(path)
+    kind = single_file_format(path, fmt)
+    if isinstance(model_or_components, SDModel):
+        parts: Mapping[str, Any] = {
+            "unet": model_or_components.unet,
+            "vae": model_or_components.vae,
+            "text_encoder": model_or_components.text_encoder,
+            "ldm_extras": model_or_components.ldm_extras,
+        }
+    else:
+        parts = model_or_components
+    unknown = set(parts) - {"unet", "vae", "text_encoder", "ldm_extras"}
+    if unknown:
+        raise ModelError(f"cannot save components {sorted(unknown)} into an SD single file")
+    state_dict = ldm_state_dict(
+        parts.get("unet"), parts.get("vae"), parts.get("text_encoder"), v2=v2, extras=parts.get("ldm_extras")
+    )
+    if not state_dict:
+        raise ModelError("nothing to save: no U-Net, VAE or text encoder given")
+    state_dict = _finalize(state_dict, dtype)
+    with atomic_path(path) as tmp:
+        if kind == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state_dict, str(tmp), metadata=dict(metadata or {}))
+        else:
+            payload: dict[str, Any] = {"state_dict": state_dict}
+            payload.update({k: int(v) for k, v in (ckpt_extra or {}).items()})
+            torch.save(payload, tmp)
+    return path
+
+
+def _float_dtypes(module: Any) -> set[Any]:
+    return {p.dtype for p in module.state_dict().values() if p.is_floating_point()}
+
+
+def _cast_copy(module: Any, dtype: Any) -> Any:
+    """`module` itself when already in `dtype`, else a copy in `dtype` (built on meta, so no double fp32 copy)."""
+    if module is None or dtype is None or _float_dtypes(module) <= {dtype}:
+        return module
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        clone = (
+            type(module).from_config(module.config) if hasattr(module, "from_config") else type(module)(module.config)
+        )
+    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in module.state_dict().items()}
+    clone.load_state_dict(state, assign=True, strict=True)
+    return clone
+
+
+def save_diffusers(model: SDModel, path: str | Path, dtype: Any = None, safe_serialization: bool = True) -> Path:
+    """Write a diffusers StableDiffusionPipeline folder atomically (scheduler with the model's prediction type)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if getattr(model, name) is None]
+    if missing:
+        raise ModelError(f"cannot write a diffusers folder without {', '.join(missing)}")
+    scheduler_config = dict(model.scheduler_config)
+    class_name = scheduler_config.get("_class_name", "DDIMScheduler")
+    scheduler_cls = getattr(diffusers, class_name, None)
+    if scheduler_cls is None:
+        raise ModelError(f"unknown scheduler class {class_name!r} in the model's scheduler config")
+    scheduler_config["prediction_type"] = model.prediction_type
+    scheduler = scheduler_cls.from_config(scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=_cast_copy(model.vae, dtype),
+        text_encoder=_cast_copy(model.text_encoder, dtype),
+        tokenizer=model.tokenizer,
+        unet=_cast_copy(model.unet, dtype),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_path(path) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=safe_serialization)  # type: ignore[attr-defined]
+    return path
