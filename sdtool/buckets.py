@@ -31,7 +31,9 @@ def parse_resolution(text: str) -> Size:
     return (values[0], values[-1])
 
 
-def make_bucket_resolutions(max_reso: Size, min_size: int = 256, max_size: int = 1024, divisible: int = 64) -> list[Size]:
+def make_bucket_resolutions(
+    max_reso: Size, min_size: int = 256, max_size: int = 1024, divisible: int = 64
+) -> list[Size]:
     """kohya's bucket list: the square of the max area, then (w, h) and (h, w) for w = min_size … max_size."""
     max_width, max_height = max_reso
     max_area = max_width * max_height
