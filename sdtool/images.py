@@ -106,12 +106,43 @@ def _open_checked(path: Path) -> Image.Image:
     return img
 
 
-def _orientation(img: Image.Image) -> int:
+def _orientation(img: Image.Image, path: Path | None = None) -> int:
     try:
-        value = img.getexif().get(_ORIENTATION_TAG, 1)
+        if img.format == "PNG" and "exif" not in img.info and path is not None and not _png_has_late_metadata(path):
+            # Pillow's PNG getexif() decodes the whole image to look for metadata after the pixel data; when the
+            # chunk list shows there is none, the header's metadata is all there is and no decode is needed.
+            exif = Image.Image.getexif(img)
+        else:
+            exif = img.getexif()
+        value = exif.get(_ORIENTATION_TAG, 1)
         return int(value) if value else 1
     except Exception:  # a broken EXIF block must not make a readable image unreadable
         return 1
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA_CHUNKS = {b"eXIf", b"tEXt", b"zTXt", b"iTXt"}
+
+
+def _png_has_late_metadata(path: Path) -> bool:
+    """Whether a PNG has EXIF or text chunks after its first IDAT (walks chunk headers, reads no pixel data)."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return True  # not what we expect: let Pillow decide the slow way
+        seen_idat = False
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return False
+            length = int.from_bytes(header[:4], "big")
+            kind = header[4:]
+            if kind == b"IDAT":
+                seen_idat = True
+            elif kind == b"IEND":
+                return False
+            elif seen_idat and kind in _PNG_METADATA_CHUNKS:
+                return True
+            f.seek(length + 4, os.SEEK_CUR)  # chunk data and CRC
 
 
 def read_size(path: str | Path) -> tuple[int, int]:
@@ -120,7 +151,7 @@ def read_size(path: str | Path) -> tuple[int, int]:
     img = _open_checked(path)
     try:
         w, h = img.size
-        if _orientation(img) in _SWAPS_AXES:
+        if _orientation(img, path) in _SWAPS_AXES:
             w, h = h, w
         return w, h
     finally:
