@@ -23,7 +23,7 @@ def command(
     max_bucket_reso: Annotated[int, typer.Option("--max-bucket-reso", min=1, help="Largest bucket side.")] = 1024,
     bucket_reso_steps: Annotated[
         int,
-        typer.Option("--bucket-reso-steps", min=8, help="Bucket sides are multiples of this (8k; training needs 64k)."),
+        typer.Option("--bucket-reso-steps", min=8, help="Bucket side step (a multiple of 8; training needs 64)."),
     ] = 64,
     no_upscale: Annotated[
         bool, typer.Option("--no-upscale", help="Never enlarge small images (buckets are made per image size).")
