@@ -119,8 +119,14 @@ def bucket_images(
         outcomes: Iterable[tuple[BucketedImage | None, str | None, list[tuple[Path, str]]]] = map(work, paths)
         collected = list(outcomes)
     else:
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sdtool-bucket") as pool:
+        pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sdtool-bucket")
+        try:
             collected = list(pool.map(work, paths))  # map keeps the listing order
+        except BaseException:
+            # Ctrl-C: drop the queued reads instead of finishing a folder of 100,000 images first.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     for path, (image, reason, problems) in zip(paths, collected, strict=True):
         if image is None:
             result.skipped.append((path, reason or "unreadable"))

@@ -230,6 +230,20 @@ def test_update_moves_old_key_forms_to_the_new_key(cli, dataset, tmp_path):
     assert len(meta) == len(EXPECTED)
 
 
+def test_update_with_relative_moves_absolute_keys(cli, dataset, tmp_path):
+    out = tmp_path / "m.json"
+    cli("bucket", dataset, "-o", out)
+    meta = read_metadata(out)
+    meta[str(dataset.absolute() / "pano.jpg")]["caption"] = "edited by hand"
+    out.write_text(json.dumps(meta), encoding="utf-8")
+    result = cli("bucket", dataset, "-o", out, "--update", "--relative")
+    assert result.exit_code == 0, result.output
+    assert "now use relative keys" in result.stderr
+    meta = read_metadata(out)
+    assert sorted(meta) == sorted(EXPECTED)
+    assert meta["pano.jpg"]["caption"] == "edited by hand"
+
+
 def test_update_creates_a_missing_file(cli, dataset, tmp_path):
     out = tmp_path / "new.json"
     result = cli("bucket", dataset, "-o", out, "--update")
