@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sdtool.buckets import crop_ltrb
 from sdtool.errors import ImageError
 from sdtool.images import open_image
 
@@ -26,16 +27,7 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 
-
-def crop_ltrb(resized: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The centre crop of a `resized` image to `bucket` as (left, top, right, bottom)."""
-    rw, rh = resized
-    bw, bh = bucket
-    if rw < bw or rh < bh:
-        raise ValueError(f"resized size {rw}x{rh} does not cover the bucket {bw}x{bh}")
-    left = (rw - bw) // 2
-    top = (rh - bh) // 2
-    return left, top, left + bw, top + bh
+__all__ = ["INTERPOLATIONS", "crop_ltrb", "load_bucketed_pixels", "resize_and_crop", "to_tensor"]
 
 
 def resize_and_crop(
