@@ -33,7 +33,8 @@ def command(
     workers: WorkersOpt = None,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")] = 1,
     top_p: Annotated[
-        float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Sample with nucleus (top-p) decoding, seeded by --seed.")
+        float | None,
+        typer.Option("--top-p", min=0.0, max=1.0, help="Sample with nucleus (top-p) decoding, seeded by --seed."),
     ] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Most new tokens in a caption.")] = 75,
     min_length: Annotated[int, typer.Option("--min-length", min=0, help="Fewest new tokens in a caption.")] = 5,

@@ -68,8 +68,7 @@ def resolve_flags(
         wanted = model_type == "v2"
         if detected_v2 is not None and wanted != detected_v2:
             raise UsageError(
-                f"{where}: model type {model_type} contradicts the weights, which are "
-                f"{'v2' if detected_v2 else 'v1'}",
+                f"{where}: model type {model_type} contradicts the weights, which are {'v2' if detected_v2 else 'v1'}",
                 hint="drop the explicit model type or pick the right model",
             )
         v2 = wanted
