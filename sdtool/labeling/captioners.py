@@ -6,6 +6,7 @@ processor, with the prompt removed from the front and whitespace collapsed into 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,8 @@ class Captioner:
         self.processor = _load_processor(source, trust_remote_code)
         self.model = _load_model(source, trust_remote_code, self.dtype).to(self.device).eval()
         self.model_type = getattr(self.model.config, "model_type", "")
+        # Some processors return token_type_ids that the model's generate() rejects as unused (GIT does).
+        self.drop_token_types = "token_type_ids" not in inspect.signature(self.model.forward).parameters
         self.prompt_text = self._decoded_prompt()
 
     def preprocessor(self) -> CaptionPreprocessor:
@@ -118,6 +121,7 @@ class Captioner:
         inputs = {
             key: value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
             for key, value in features.items()
+            if not (key == "token_type_ids" and self.drop_token_types)
         }
         with torch.inference_mode():
             generated = self.model.generate(**inputs, **self.settings.generate_kwargs())
