@@ -138,7 +138,10 @@ def _read_deepdanbooru_tags(path: Path) -> list[TagInfo]:
 
 @dataclass(frozen=True)
 class TaggerPreprocessor:
-    """Runs in the DataLoader workers: a decoded RGB image → the model's input array (no batch dimension)."""
+    """Runs in the DataLoader workers: a decoded RGB image → the model's pixels as uint8 HWC (no batch dimension).
+
+    Workers hand over uint8 pixels (a quarter of float32's bytes); `to_model_input` scales them in the main process.
+    """
 
     style: str
     width: int
@@ -146,8 +149,18 @@ class TaggerPreprocessor:
     channels_last: bool
 
     def __call__(self, image: Any) -> np.ndarray:
-        array = wd14_input(image, self.width, self.height) if self.style == WD14 else deepdanbooru_input(image, self)
-        return array if self.channels_last else np.ascontiguousarray(array.transpose(2, 0, 1))
+        if self.style == WD14:
+            return wd14_pixels(image, self.width, self.height)
+        return deepdanbooru_pixels(image, self.width, self.height)
+
+    def to_model_input(self, pixels: np.ndarray) -> np.ndarray:
+        """A batch of uint8 HWC pixels → float32 in the model's range (WD14 0–255, DeepDanbooru 0–1) and layout."""
+        batch = pixels.astype(np.float32)
+        if self.style == DEEPDANBOORU:
+            batch /= 255.0
+        if not self.channels_last:
+            batch = batch.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(batch)
 
 
 def _resize(image: Any, size: tuple[int, int]) -> Any:
@@ -160,32 +173,43 @@ def _resize(image: Any, size: tuple[int, int]) -> Any:
     return image.resize(size, Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS)
 
 
-def wd14_input(image: Any, width: int, height: int) -> np.ndarray:
-    """WD14 preprocessing: centred white square padding, resize, BGR, float32 0–255, HWC."""
+def wd14_pixels(image: Any, width: int, height: int) -> np.ndarray:
+    """WD14 geometry: centred white square padding, resize, BGR; uint8 HWC."""
     from PIL import Image
 
     w, h = image.size
     side = max(w, h)
     square = Image.new("RGB", (side, side), (255, 255, 255))
     square.paste(image, ((side - w) // 2, (side - h) // 2))
-    array = np.asarray(_resize(square, (width, height)), dtype=np.float32)
+    array = np.asarray(_resize(square, (width, height)), dtype=np.uint8)
     return np.ascontiguousarray(array[:, :, ::-1])  # RGB → BGR
 
 
-def deepdanbooru_input(image: Any, target: TaggerPreprocessor) -> np.ndarray:
-    """DeepDanbooru preprocessing: fit inside the input keeping the aspect ratio, edge padding, RGB, float32 0–1."""
+def wd14_input(image: Any, width: int, height: int) -> np.ndarray:
+    """WD14 preprocessing: centred white square padding, resize, BGR, float32 0–255, HWC."""
+    return wd14_pixels(image, width, height).astype(np.float32)
+
+
+def deepdanbooru_pixels(image: Any, width: int, height: int) -> np.ndarray:
+    """DeepDanbooru geometry: fit inside the input keeping the aspect ratio, centred, edge padding; RGB uint8 HWC."""
     w, h = image.size
-    scale = min(target.width / w, target.height / h)
-    nw, nh = max(1, min(target.width, round(w * scale))), max(1, min(target.height, round(h * scale)))
-    array = np.asarray(_resize(image, (nw, nh)), dtype=np.float32) / 255.0
-    top, left = (target.height - nh) // 2, (target.width - nw) // 2
-    pad = ((top, target.height - nh - top), (left, target.width - nw - left), (0, 0))
-    return np.pad(array, pad, mode="edge")
+    scale = min(width / w, height / h)
+    nw, nh = max(1, min(width, round(w * scale))), max(1, min(height, round(h * scale)))
+    array = np.asarray(_resize(image, (nw, nh)), dtype=np.uint8)
+    top, left = (height - nh) // 2, (width - nw) // 2
+    return np.pad(array, ((top, height - nh - top), (left, width - nw - left), (0, 0)), mode="edge")
 
 
-def stack_arrays(items: list[np.ndarray]) -> np.ndarray:
-    """Stack per-image inputs into one batch."""
-    return np.stack(items)
+def deepdanbooru_input(image: Any, width: int, height: int) -> np.ndarray:
+    """DeepDanbooru preprocessing: aspect-preserving fit, edge padding, RGB, float32 0–1, HWC."""
+    return deepdanbooru_pixels(image, width, height).astype(np.float32) / 255.0
+
+
+def stack_pixels(items: list[np.ndarray]) -> Any:
+    """Stack per-image pixels into one batch tensor (torch tensors cross from workers through shared memory)."""
+    import torch
+
+    return torch.from_numpy(np.stack(items))
 
 
 class Tagger:
@@ -200,6 +224,8 @@ class Tagger:
         providers = _providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.log_severity_level = 3  # provider fall-back is reported by sdtool itself, once
+        # Idle ORT threads spin by default, starving the image-reading workers of CPU between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.files.onnx), options, providers=providers)
         except Exception as exc:
@@ -240,8 +266,9 @@ class Tagger:
         p = self.preprocessor
         return f"tagger {self.source} ({self.files.style}, {p.width}x{p.height}) on {self.provider}"
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities, shape (images, tags); a graph with a fixed batch size is fed in padded chunks."""
+    def predict(self, pixels: Any) -> np.ndarray:
+        """Probabilities, shape (images, tags), for a uint8 HWC batch; a fixed-batch graph gets padded chunks."""
+        batch = self.preprocessor.to_model_input(np.asarray(pixels))
         step = self.fixed_batch or len(batch)
         outputs = []
         for start in range(0, len(batch), step):
@@ -476,7 +503,7 @@ def tag_images(
     images = [image for image, _ in todo]
     try:
         with progress_bar("tag", len(todo)) as advance:
-            for batch in iter_batches(images, tagger.preprocessor, stack_arrays, batch_size, workers):
+            for batch in iter_batches(images, tagger.preprocessor, stack_pixels, batch_size, workers):
                 for index, reason in batch.failures:
                     skips.skip(images[index], reason)
                 if batch.indices:

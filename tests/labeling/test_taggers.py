@@ -69,13 +69,10 @@ def test_wd14_input_upscales_small_images():
 
 
 def test_deepdanbooru_input_keeps_aspect_and_pads_with_edges():
-    from sdtool.labeling.taggers import DEEPDANBOORU, TaggerPreprocessor
-
     image = Image.new("RGB", (64, 32), (0, 0, 0))
     image.paste((255, 0, 0), (0, 0, 64, 16))  # top half red, bottom half black
-    target = TaggerPreprocessor(DEEPDANBOORU, 16, 16, True)
-    array = deepdanbooru_input(image, target)
-    assert array.shape == (16, 16, 3) and array.max() <= 1.0
+    array = deepdanbooru_input(image, 16, 16)
+    assert array.shape == (16, 16, 3) and array.dtype == np.float32 and array.max() <= 1.0
     assert np.allclose(array[0], [1, 0, 0]) and np.allclose(array[-1], [0, 0, 0])  # edges repeated, RGB
 
 
