@@ -7,16 +7,15 @@ processor, with the prompt removed from the front and whitespace collapsed into 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdtool.console import Output, SkipReporter, info, progress_bar
 from sdtool.errors import ModelError, UsageError
-from sdtool.fsutil import atomic_write_text
 from sdtool.images import list_images
-from sdtool.labeling.loading import check_extension, iter_batches, sidecar_targets
+from sdtool.labeling.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 
 # Remote-code models name their classes in `config.auto_map`; these are tried in this order.
 _REMOTE_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM")
@@ -245,17 +244,23 @@ def caption_images(
     # Seeded once per run (kohya does the same): sampled captions repeat for the same images, batch size and seed.
     torch.manual_seed(settings.seed)
     images = [image for image, _ in todo]
-    with progress_bar("caption", len(todo)) as advance:
+
+    def report(image: Path, target: Path, text: str) -> Callable[[], None]:
+        def done() -> None:
+            out.path(target)
+            out.record({"path": str(image), "caption": text})
+            run.written += 1
+            skips.ok()
+
+        return done
+
+    with progress_bar("caption", len(todo)) as advance, SidecarWriter() as writer:
         for batch in iter_batches(images, captioner.preprocessor(), stack_features, batch_size, workers):
             for index, reason in batch.failures:
                 skips.skip(images[index], reason)
             if batch.indices:
                 for index, text in zip(batch.indices, captioner.caption_batch(batch.data), strict=True):
                     image, target = todo[index]
-                    atomic_write_text(target, text + "\n")
-                    out.path(target)
-                    out.record({"path": str(image), "caption": text})
-                    run.written += 1
-                skips.ok(len(batch.indices))
+                    writer.write(target, text + "\n", report(image, target, text))
             advance(len(batch.indices) + len(batch.failures))
     return run

@@ -8,13 +8,16 @@ instead of stopping the batch.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtool.console import SkipReporter
 from sdtool.errors import ImageError, UsageError
+from sdtool.fsutil import atomic_write_text
 from sdtool.images import open_image
 
 Preprocess = Callable[[Any], Any]
@@ -130,3 +133,44 @@ def sidecar_targets(images: Sequence[Path], extension: str, skips: SkipReporter)
             continue
         pairs.append((image, target))
     return pairs
+
+
+class SidecarWriter:
+    """Atomic sidecar writes on background threads, so fsync waits overlap with inference.
+
+    Completion callbacks (printing the written path) run in the caller's thread, in submission order; a failed
+    write is raised from `write` or `close`. Used as a context manager, pending writes are finished on exit.
+    """
+
+    def __init__(self, threads: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdtool-write")
+        self._pending: deque[tuple[Future[Any], Callable[[], None]]] = deque()
+
+    def write(self, path: Path, text: str, on_done: Callable[[], None]) -> None:
+        """Queue `text` for `path`; `on_done` runs once it is on disk."""
+        self._pending.append((self._pool.submit(atomic_write_text, path, text), on_done))
+        self._reap(block=False)
+
+    def _reap(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0][0].done()):
+            future, on_done = self._pending.popleft()
+            future.result()
+            on_done()
+
+    def close(self) -> None:
+        """Wait for every queued write and run the remaining callbacks."""
+        try:
+            self._reap(block=True)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> SidecarWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # already failing: let queued writes land (each is atomic), report the original error
+            self._pool.shutdown(wait=True)

@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from sdtool.console import Output, SkipReporter, info, progress_bar, warn
 from sdtool.errors import InputError, ModelError, UsageError
 from sdtool.fsutil import atomic_write_text
 from sdtool.images import list_images
-from sdtool.labeling.loading import check_extension, iter_batches, sidecar_targets
+from sdtool.labeling.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 WD14, DEEPDANBOORU = "wd14", "deepdanbooru"
@@ -501,8 +501,20 @@ def tag_images(
     if options.use_rating_tags and not any(t.category == RATING for t in tagger.tags):
         warn("--use-rating-tags: this model has no rating tags")
     images = [image for image, _ in todo]
+
+    def report(image: Path, target: Path | None, text: str, tags: list[str]) -> Callable[[], None]:
+        def done() -> None:
+            if target is not None:
+                out.path(target)
+            out.record({"path": str(image), "tags": text})
+            run.frequency.update(tags)
+            run.written += 1
+            skips.ok()
+
+        return done
+
     try:
-        with progress_bar("tag", len(todo)) as advance:
+        with progress_bar("tag", len(todo)) as advance, SidecarWriter() as writer:
             for batch in iter_batches(images, tagger.preprocessor, stack_pixels, batch_size, workers):
                 for index, reason in batch.failures:
                     skips.skip(images[index], reason)
@@ -516,13 +528,9 @@ def tag_images(
                         text = options.separator.join(final)
                         if sink is not None:
                             sink.put(image, text, size)
+                            report(image, None, text, final)()
                         else:
-                            atomic_write_text(target, text + "\n")
-                            out.path(target)
-                        out.record({"path": str(image), "tags": text})
-                        run.frequency.update(final)
-                        run.written += 1
-                    skips.ok(len(batch.indices))
+                            writer.write(target, text + "\n", report(image, target, text, final))
                 advance(len(batch.indices) + len(batch.failures))
     finally:
         if sink is not None:
