@@ -147,6 +147,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="default: one per CPU core")
     parser.add_argument("--only", choices=("tag", "caption"), default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--caption-images", type=int, default=16, help="images for the (slower) caption part")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch intra-op threads for both sides (default: torch's)"
+    )
     parser.add_argument(
         "--tagger-conv", type=int, default=0, help="conv channels in the tagger graph (0: light, GPU-like compute)"
     )
@@ -156,9 +160,14 @@ def main() -> None:
 
     quiet_third_party()
     set_verbosity(QUIET)
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_images(root / "images", args.images)
+        make_images(root / "caption-images", args.caption_images)
         with redirect_stdout(sys.stderr):
             tag_ref = tag_new = cap_ref = cap_new = float("nan")
             if args.only in (None, "tag"):
@@ -166,9 +175,15 @@ def main() -> None:
                     root, root / "images", args.batch_size, args.workers, args.repeats, args.tagger_conv
                 )
             if args.only in (None, "caption"):
-                cap_ref, cap_new = bench_caption(root, root / "images", args.batch_size, args.workers, args.repeats)
+                cap_dir = root / "caption-images"
+                cap_ref, cap_new = bench_caption(root, cap_dir, args.batch_size, args.workers, args.repeats)
 
-    print(f"machine: {os.cpu_count()} CPU cores; {args.images} images 768x512 JPEG; batch {args.batch_size}")
+    import torch
+
+    print(
+        f"machine: {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; 768x512 JPEGs: "
+        f"{args.images} tagged, {args.caption_images} captioned; batch {args.batch_size}, workers {args.workers}"
+    )
     print(f"{'':8} {'batch-1 loop':>14} {'sdtool':>10} {'ratio':>7}")
     print(f"{'tag':8} {tag_ref:11.1f}/s {tag_new:7.1f}/s {tag_new / tag_ref:6.2f}x")
     print(f"{'caption':8} {cap_ref:11.1f}/s {cap_new:7.1f}/s {cap_new / cap_ref:6.2f}x")
