@@ -92,7 +92,7 @@ def iter_batches(
     n_workers = min(default_workers(workers), max(1, len(paths)))
     if workers == 0:
         n_workers = 0
-    loader = DataLoader(
+    loader: DataLoader[Any] = DataLoader(
         _ImageDataset(paths, preprocess),  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=False,
