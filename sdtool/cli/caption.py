@@ -33,7 +33,8 @@ def command(
     workers: WorkersOpt = None,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")] = 1,
     top_p: Annotated[
-        float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling instead of beams.")
+        float | None,
+        typer.Option("--top-p", min=0.0, max=1.0, help="Sample with nucleus (top-p) decoding, seeded by --seed."),
     ] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Most new tokens in a caption.")] = 75,
     min_length: Annotated[int, typer.Option("--min-length", min=0, help="Fewest new tokens in a caption.")] = 5,
@@ -53,6 +54,27 @@ def command(
     strict: StrictOpt = False,
 ) -> None:
     """Write captions (.caption) for images with a BLIP-family model."""
-    from sdtool.errors import NotImplementedYetError
+    from sdtool.console import Output, SkipReporter
+    from sdtool.labeling.captioners import GenerationSettings, caption_images
 
-    raise NotImplementedYetError(NAME)
+    settings = GenerationSettings(
+        num_beams=num_beams, top_p=top_p, max_length=max_length, min_length=min_length, seed=seed
+    )
+    skips = SkipReporter(strict=strict)
+    caption_images(
+        dirs,
+        model=model,
+        settings=settings,
+        prompt=prompt,
+        extension=caption_extension,
+        overwrite=overwrite,
+        recursive=recursive,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision.value,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        out=Output(json_lines),
+        skips=skips,
+    )
+    skips.finish("captioned")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -48,7 +49,9 @@ def command(
         str, typer.Option("--always-first-tags", help="Comma-separated tags moved to the front, in this order.")
     ] = "",
     tag_separator: Annotated[str, typer.Option("--tag-separator", help="Separator between tags.")] = ", ",
-    append: Annotated[bool, typer.Option("--append", help="Add new tags to existing files.")] = False,
+    append: Annotated[
+        bool, typer.Option("--append", help="Keep existing tags first and add new ones not already present.")
+    ] = False,
     output_path: Annotated[
         Path | None, typer.Option("--output-path", help="Write one metadata .json/.jsonl instead of sidecars.")
     ] = None,
@@ -63,6 +66,46 @@ def command(
     strict: StrictOpt = False,
 ) -> None:
     """Write booru tags (.txt) for images with a WD14 / DeepDanbooru ONNX tagger."""
-    from sdtool.errors import NotImplementedYetError
+    from sdtool.console import Output, SkipReporter
+    from sdtool.labeling.taggers import TagOptions, split_tag_list, tag_images
 
-    raise NotImplementedYetError(NAME)
+    options = TagOptions(
+        general_threshold=threshold if general_threshold is None else general_threshold,
+        character_threshold=threshold if character_threshold is None else character_threshold,
+        use_rating_tags=use_rating_tags,
+        character_tags_first=character_tags_first,
+        remove_underscore=remove_underscore,
+        undesired_tags=tuple(split_tag_list(undesired_tags)),
+        always_first_tags=tuple(split_tag_list(always_first_tags)),
+        separator=tag_separator,
+    )
+    skips = SkipReporter(strict=strict)
+    run = tag_images(
+        dirs,
+        model=model,
+        options=options,
+        extension=caption_extension,
+        overwrite=overwrite,
+        append=append,
+        output_path=output_path,
+        recursive=recursive,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        out=Output(json_lines),
+        skips=skips,
+    )
+    if frequency and run.frequency:
+        _print_frequency(run.frequency)
+    skips.finish("tagged")
+
+
+def _print_frequency(counts: Counter[str]) -> None:
+    from rich.table import Table
+
+    from sdtool.console import print_table
+
+    table = Table("tag", "images", title="tag frequency")
+    for name, count in counts.most_common():
+        table.add_row(name, str(count))
+    print_table(table)
