@@ -14,7 +14,6 @@ The graph's input shape gives the input size and layout (NHWC or NCHW); its outp
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import time
@@ -27,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from sdtool.console import Output, SkipReporter, info, progress_bar, warn
-from sdtool.errors import InputError, ModelError, UsageError
-from sdtool.fsutil import atomic_write_text
+from sdtool.errors import ModelError, UsageError
 from sdtool.images import list_images
 from sdtool.labeling.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
+from sdtool.metadata import read_metadata, write_metadata
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 WD14, DEEPDANBOORU = "wd14", "deepdanbooru"
@@ -392,7 +391,7 @@ class MetadataSink:
             raise UsageError(f"--output-path {path}: expected a .json or .jsonl file")
         self.path = path
         self.jsonl = suffix == ".jsonl"
-        self.entries: dict[str, dict[str, Any]] = self._read() if path.exists() else {}
+        self.entries: dict[str, dict[str, Any]] = read_metadata(path) if path.exists() else {}
         self.dirty = False
         self.last_flush = time.monotonic()
 
@@ -400,26 +399,6 @@ class MetadataSink:
     def key(image: Path) -> str:
         """Absolute path keys (CONTRACT §D)."""
         return os.path.abspath(image)
-
-    def _read(self) -> dict[str, dict[str, Any]]:
-        text = self.path.read_text(encoding="utf-8")
-        try:
-            if not self.jsonl:
-                data = json.loads(text) if text.strip() else {}
-                if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-                    raise InputError(self.path, "expected a JSON object of objects keyed by image path")
-                return data
-            entries: dict[str, dict[str, Any]] = {}
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get("image_path"), str):
-                    raise InputError(self.path, f"line {number}: expected an object with an image_path")
-                entries[obj["image_path"]] = obj
-            return entries
-        except json.JSONDecodeError as exc:
-            raise InputError(self.path, f"not valid JSON ({exc})", hint="fix or move the file") from exc
 
     def tags_of(self, image: Path) -> str | None:
         """The tags already stored for an image, if any."""
@@ -430,7 +409,7 @@ class MetadataSink:
     def put(self, image: Path, tags: str, size: tuple[int, int]) -> None:
         """Set `tags` and `image_size` for an image, keeping its other fields."""
         key = self.key(image)
-        entry = self.entries.setdefault(key, {"image_path": key} if self.jsonl else {})
+        entry = self.entries.setdefault(key, {})
         entry["tags"] = tags
         entry["image_size"] = [size[0], size[1]]
         self.dirty = True
@@ -441,11 +420,7 @@ class MetadataSink:
         """Write the file atomically (only when something changed)."""
         if not self.dirty:
             return
-        if self.jsonl:
-            text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries.values())
-        else:
-            text = json.dumps(self.entries, ensure_ascii=False, indent=2) + "\n"
-        atomic_write_text(self.path, text)
+        write_metadata(self.path, self.entries)
         self.dirty = False
         self.last_flush = time.monotonic()
 
