@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -125,7 +126,9 @@ def dropout_structure(layer_structure: Sequence[float], dropout: float | Sequenc
     MLP's output), as A1111 requires.
     """
     n = len(layer_structure)
-    if isinstance(dropout, int | float) and not isinstance(dropout, bool):
+    if isinstance(dropout, bool):
+        raise ConfigError(f"hypernetwork dropout must be a probability or a list of them, not {dropout}")
+    if isinstance(dropout, int | float):
         if not 0 <= dropout < 1:
             raise ConfigError(f"hypernetwork dropout {dropout} must be in [0, 1)")
         return [0.0] + [float(dropout)] * (n - 2) + [0.0]
@@ -219,7 +222,7 @@ class HypernetworkModule(nn.Module):
     def _initialise(self, weight_init: str, activation: str | None) -> None:
         # A1111's initialisation. "Normal" draws every Linear and LayerNorm weight from N(0, 0.01) with zero biases,
         # so a fresh module's output is x plus a small perturbation (close to identity, but not exactly).
-        nonlinearity = "leaky_relu" if activation == "leakyrelu" else "relu"
+        nonlinearity: Literal["leaky_relu", "relu"] = "leaky_relu" if activation == "leakyrelu" else "relu"
         for layer in self.linear:
             if not isinstance(layer, nn.Linear | nn.LayerNorm):
                 continue
@@ -307,8 +310,8 @@ class Hypernetwork(nn.Module):
         """The (k, v) modules for a context width, or None when this hypernetwork has none for it."""
         if str(width) not in self.pairs:
             return None
-        modules = self.pairs[str(width)]
-        return modules[0], modules[1]  # type: ignore[return-value]
+        modules: Any = self.pairs[str(width)]
+        return modules[0], modules[1]
 
     def set_multiplier(self, multiplier: float) -> Hypernetwork:
         """Set the strength used in eval mode (sampling); training mode always uses 1."""
@@ -380,8 +383,12 @@ class Hypernetwork(nn.Module):
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # weights_only refuses anything but tensors and plain containers; a hypernetwork needs nothing more.
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(path, f"not a plain hypernetwork file ({first})") from e
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if unsafe:
+                raise InputError(
+                    path, f"not a plain hypernetwork file: loading it would run code ({unsafe.group(1)}); refused"
+                ) from e
+            raise InputError(path, "cannot be read as a PyTorch file (not a pickle torch.load understands)") from e
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
             raise InputError(path, f"cannot be read as a PyTorch file ({e})") from e
         return cls.from_file_dict(data, source=path)
@@ -514,7 +521,7 @@ def context_widths(unet: nn.Module) -> list[int]:
 def _apply_mlp(module: HypernetworkModule, context: torch.Tensor) -> torch.Tensor:
     # The MLP runs in its own dtype (usually fp32 while the U-Net is fp16), as A1111 does, and hands back the
     # U-Net's dtype.
-    dtype = module.linear[0].weight.dtype
+    dtype = next(module.parameters()).dtype
     return module(context.to(dtype)).to(context.dtype)
 
 
