@@ -195,20 +195,27 @@ def test_xformers_selection_without_xformers_is_a_clear_error(tiny):
 
 
 @pytest.mark.gpu
-def test_xformers_processor_matches_diffusers_xformers_on_cuda():
-    pytest.importorskip("xformers")
-    from sdtool.models.tiny import build_tiny_pipeline
+@pytest.mark.parametrize("attention", ["sdpa", "xformers"])
+def test_zero_mlp_matches_diffusers_fp16_processors_on_cuda(attention):
+    if attention == "xformers":
+        pytest.importorskip("xformers")
+    from diffusers import UNet2DConditionModel
 
-    unet = build_tiny_pipeline("v1").unet.to("cuda", torch.float16).eval()
-    unet.enable_xformers_memory_efficient_attention()
-    latents, timesteps = (t.to("cuda") for t in _inputs())
-    latents = latents.half()
+    from sdtool.models.tiny import tiny_configs
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_configs("v1")["unet"]).to("cuda", torch.float16).eval()
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    latents, timesteps = _inputs()
+    latents, timesteps = latents.to("cuda", torch.float16), timesteps.to("cuda")
     context = torch.randn(2, 77, 32, device="cuda", dtype=torch.float16)
+    hypernetwork = Hypernetwork(context_widths(unet))  # stays fp32: the MLP runs in its own dtype
+    _zero_last_linear(hypernetwork)
     with torch.no_grad():
         reference = unet(latents, timesteps, context).sample
-        hypernetwork = Hypernetwork(context_widths(unet))
-        _zero_last_linear(hypernetwork)
         apply_hypernetwork(unet, hypernetwork.eval(), attention="auto")
+        assert hypernetwork.pair(32)[0].linear[0].weight.is_cuda
         assert torch.equal(unet(latents, timesteps, context).sample, reference)
 
 
@@ -243,6 +250,33 @@ def test_training_moves_only_the_hypernetwork_and_the_loss_falls(tiny):
     after = unet.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_keeps_hypernetwork_gradients(tiny):
+    # The U-Net is frozen and its inputs need no grad: only non-reentrant checkpointing (diffusers' default)
+    # still back-propagates into the hypernetwork inside checkpointed blocks.
+    unet, context = tiny
+    hypernetwork = Hypernetwork(context_widths(unet), activation="relu").train()
+    _perturb(hypernetwork, scale=0.05)
+    latents, timesteps = _inputs(seed=5)
+
+    def grads() -> list[torch.Tensor]:
+        hypernetwork.zero_grad(set_to_none=True)
+        unet(latents, timesteps, context).sample.square().mean().backward()
+        return [p.grad.clone() for p in hypernetwork.parameters()]  # type: ignore[union-attr]
+
+    apply_hypernetwork(unet, hypernetwork)
+    try:
+        plain = grads()
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        checkpointed = grads()
+    finally:
+        unet.disable_gradient_checkpointing()
+        unet.eval()
+        remove_hypernetwork(unet)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(plain, checkpointed, strict=True))
+    assert any(g.abs().sum() > 0 for g in checkpointed)
 
 
 # --- the A1111 file format ---------------------------------------------------------------------------------------
