@@ -114,14 +114,10 @@ def encode_chunks(text_encoder: Any, ids: Any, clip_skip: int | None = None) -> 
     states = states.reshape(b, n * length, states.shape[-1])
     if n == 1:
         return states
-    inner = [states[:, k * length + 1 : k * length + length - 1] for k in range(n)]
-    return torch_cat([states[:, :1], *inner, states[:, -1:]])
-
-
-def torch_cat(parts: list[Any]) -> Any:
     import torch
 
-    return torch.cat(parts, dim=1)
+    inner = [states[:, k * length + 1 : k * length + length - 1] for k in range(n)]
+    return torch.cat([states[:, :1], *inner, states[:, -1:]], dim=1)
 
 
 def encode_prompts(

@@ -582,9 +582,12 @@ def _resolve_datasets(
             bucket_reso_steps=pick("bucket_reso_steps", *levels),
             bucket_no_upscale=pick("bucket_no_upscale", *levels),
         )
-        if isinstance(spec.min_bucket_reso, int) and isinstance(spec.max_bucket_reso, int):
-            if spec.min_bucket_reso > spec.max_bucket_reso:
-                problems.append(f"{where}min_bucket_reso: larger than max_bucket_reso")
+        if (
+            isinstance(spec.min_bucket_reso, int)
+            and isinstance(spec.max_bucket_reso, int)
+            and spec.min_bucket_reso > spec.max_bucket_reso
+        ):
+            problems.append(f"{where}min_bucket_reso: larger than max_bucket_reso")
         seen: set[str] = set()
         for j, sub in enumerate(subsets):
             swhere = f"{where}subsets[{j}]."
@@ -697,6 +700,8 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     hi = cfg.max_timestep if cfg.max_timestep is not None else 1000
     if lo >= hi:
         problems.append(f"min_timestep/max_timestep: need min < max (got {lo} and {hi})")
+    if cfg.noise_offset and cfg.multires_noise_iterations:
+        problems.append("noise_offset/multires_noise_iterations: choose one kind of extra noise")
     if cfg.adaptive_noise_scale is not None and cfg.noise_offset is None:
         problems.append("adaptive_noise_scale: needs noise_offset")
     if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
