@@ -427,17 +427,22 @@ def _flatten(raw: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], 
     return flat, tables
 
 
-def _check_keys(keys: Any, allowed: set[str], where: str, problems: list[str], elsewhere: str = "") -> None:
+def _check_keys(
+    keys: Any, allowed: set[str], where: str, problems: list[str], misplaced: dict[str, str] | None = None
+) -> None:
     for key in keys:
         if key in allowed:
             continue
         label = f"{where}{key}"
+        if misplaced and key in misplaced:
+            problems.append(f"{label}: unknown key here ({misplaced[key]})")
+            continue
         if key in UNSUPPORTED_KEYS:
             problems.append(f"{label}: kohya option not supported by sdtool ({UNSUPPORTED_KEYS[key]})")
             continue
         close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        problems.append(f"{label}: unknown key{elsewhere}{hint}")
+        problems.append(f"{label}: unknown key{hint}")
 
 
 def _format_validation(exc: ValidationError, prefix: str, problems: list[str]) -> None:
@@ -551,7 +556,7 @@ def _resolve_datasets(
         return []
     if tables and not datasets:
         problems.append("datasets: no [[datasets]] table")
-    _check_keys(general, GENERAL_KEYS, "general.", problems, _elsewhere_hint(general))
+    _check_keys(general, GENERAL_KEYS, "general.", problems, _SUBSET_ONLY)
     _validate_level(GeneralLevel, general, "general.", problems)
     # Top-level keys with dataset names act as kohya's argparse fall-backs.
     fallback = {ARG_TO_DATASET_KEY.get(k, k): v for k, v in flat.items() if k in FALLBACK_KEYS}
@@ -559,7 +564,7 @@ def _resolve_datasets(
     for i, ds in enumerate(datasets):
         where = f"datasets[{i}]."
         ds_keys = {k: v for k, v in ds.items() if k != "subsets"}
-        _check_keys(ds, DATASET_KEYS, where, problems, _elsewhere_hint(ds))
+        _check_keys(ds, DATASET_KEYS, where, problems, _SUBSET_ONLY)
         _validate_level(GeneralLevel, ds_keys, where, problems)
         subsets = ds.get("subsets", [])
         if not isinstance(subsets, list) or not subsets:
@@ -594,7 +599,7 @@ def _resolve_datasets(
             if not isinstance(sub, dict):
                 problems.append(f"{swhere[:-1]}: expected a table")
                 continue
-            _check_keys(sub, SUBSET_KEYS, swhere, problems, _elsewhere_hint(sub, subset=True))
+            _check_keys(sub, SUBSET_KEYS, swhere, problems, _NOT_IN_SUBSET)
             _validate_level(SubsetLevel, {k: v for k, v in sub.items() if k in SUBSET_KEYS}, swhere, problems)
             options = {k: pick(k, sub, *levels) for k in CaptionOptions.model_fields}
             meta = sub.get("metadata_file")
@@ -617,12 +622,9 @@ def _resolve_datasets(
     return specs
 
 
-def _elsewhere_hint(level: dict[str, Any], subset: bool = False) -> str:
-    # A key that exists at another level deserves a better message than "unknown".
-    wrong_level = [k for k in level if (k in SUBSET_KEYS) != subset and k in (SUBSET_KEYS | GENERAL_KEYS)]
-    if not wrong_level:
-        return ""
-    return " here (it belongs in a subset)" if not subset else " here (it belongs in [general] or [[datasets]])"
+# A key that exists at another dataset level deserves a better message than "unknown".
+_SUBSET_ONLY = dict.fromkeys(SUBSET_KEYS - GENERAL_KEYS, "it belongs in a subset")
+_NOT_IN_SUBSET = dict.fromkeys(GENERAL_KEYS - SUBSET_KEYS, "it belongs in [general] or [[datasets]]")
 
 
 def _validate_level(model: type[BaseModel], values: dict[str, Any], prefix: str, problems: list[str]) -> None:
@@ -673,6 +675,13 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append(f"lr_scheduler: unknown scheduler {cfg.lr_scheduler!r}{hint}")
     if isinstance(cfg.lr_warmup_steps, float) and not cfg.lr_warmup_steps < 1:
         problems.append("lr_warmup_steps: a float is a ratio of the total steps and must be < 1")
+    from sdtool.train.saving import single_file_saving_available
+
+    if cfg.save_model_as in ("safetensors", "ckpt") and not single_file_saving_available():
+        problems.append(
+            f"save_model_as: {cfg.save_model_as!r} single files cannot be written by this sdtool yet; "
+            "use 'diffusers_safetensors'"
+        )
     if cfg.use_safetensors and cfg.save_model_as in ("ckpt", "diffusers"):
         problems.append(f"use_safetensors: contradicts save_model_as = {cfg.save_model_as!r}")
 
