@@ -76,7 +76,8 @@ def _bucket_for(spec: DatasetSpec, image_size: Size) -> Size:
         from sdtool import buckets  # type: ignore[attr-defined]
     except ImportError as exc:
         raise SdtoolError(
-            "metadata entries have no train_resolution", hint="run sdtool bucket on the images first"
+            f"metadata entries without train_resolution (image size {image_size[0]}x{image_size[1]}): "
+            "run sdtool bucket on the images first"
         ) from exc
     area = spec.resolution[0] * spec.resolution[1]
     resolutions = buckets.make_bucket_resolutions(

@@ -324,6 +324,7 @@ class FineTuneRecipe:
                     t_sum = t_sum + timesteps.float().mean()
                     if not acc.sync_gradients:
                         continue
+                    lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
                     self.lr_scheduler.step()  # once per optimizer step, whatever the process count
                     state.global_step += 1
                     if pending is not None:
@@ -332,7 +333,7 @@ class FineTuneRecipe:
                         "step": state.global_step,
                         "epoch": state.epoch + 1,
                         "loss": loss_sum / micro,
-                        "lr": dict(zip(self.group_names, self.lr_scheduler.get_last_lr(), strict=False)),
+                        "lr": dict(zip(self.group_names, lrs, strict=True)),
                         "timestep_mean": t_sum / micro,
                         "seconds": time.perf_counter() - step_start,
                     }

@@ -50,3 +50,22 @@ def write_config(path: Path, text: str) -> Path:
 @pytest.fixture
 def dataset(tmp_path) -> tuple[Path, Path]:
     return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process training run gets its own accelerate state (it is a process-wide singleton).
+
+    Also one intra-op thread: the tiny models gain nothing from more, and on a busy 2-core CI runner (pytest -n 2)
+    extra threads oversubscribe the cores and make each step 10-20x slower.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -181,7 +181,7 @@ def test_bad_values_name_their_key(tmp_path, tiny_v1, dataset, override, needle)
 
 
 def test_missing_dataset_paths(tmp_path, tiny_v1, dataset):
-    images, meta = dataset
+    _images, _meta = dataset
     text = KOHYA.format(model=tiny_v1, images=tmp_path / "noimages", meta=tmp_path / "nometa.json")
     problems = problems_of(write_config(tmp_path / "c.toml", text))
     assert any(p.startswith("datasets[0].subsets[0].metadata_file:") for p in problems)
