@@ -656,9 +656,12 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append(f"output_name: {cfg.output_name!r} must be a plain file name")
     elif not cfg.overwrite:
         # A finished model is never replaced by accident; metrics.jsonl belongs to its run, so it is kept too.
-        for existing in (final_output_path(cfg), Path(cfg.output_dir) / "metrics.jsonl"):
+        for key, existing in (
+            ("output_name", final_output_path(cfg)),
+            ("output_dir", Path(cfg.output_dir) / "metrics.jsonl"),
+        ):
             if existing.exists():
-                problems.append(f"output_name: {existing} already exists; set overwrite = true to replace it")
+                problems.append(f"{key}: {existing} already exists; set overwrite = true to replace it")
 
     if cfg.use_8bit_adam or cfg.use_lion_optimizer:
         legacy = "AdamW8bit" if cfg.use_8bit_adam else "Lion"
