@@ -37,6 +37,50 @@ def command(
     ] = None,
 ) -> None:
     """Fine-tune a Stable Diffusion model from a TOML config."""
-    from sdtool.errors import NotImplementedYetError
+    from sdtool.console import error_line
+    from sdtool.errors import ConfigError, UsageError
 
-    raise NotImplementedYetError(NAME)
+    launch = {
+        "--num-processes": num_processes,
+        "--num-machines": num_machines,
+        "--machine-rank": machine_rank,
+        "--main-process-ip": main_process_ip,
+        "--main-process-port": main_process_port,
+        "--accelerate-config": accelerate_config,
+    }
+    given = [flag for flag, value in launch.items() if value is not None]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: multi-process launching is not implemented yet",
+            hint="run on one process, or start it with 'accelerate launch -m sdtool train CONFIG'",
+        )
+    from sdtool.runtime import quiet_third_party
+    from sdtool.train.config import load_config
+
+    quiet_third_party()
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as exc:
+        # Every problem on its own line, so a user fixes them all in one go.
+        for problem in exc.problems:
+            error_line(problem)
+        raise typer.Exit(exc.exit_code) from None
+    if print_config:
+        typer.echo(cfg.to_toml(), nl=False)
+        if not dry_run:
+            return
+    from sdtool.train.recipe import FineTuneRecipe, estimate_memory, make_plan, print_plan
+
+    plan = make_plan(cfg)
+    print_plan(cfg, plan)
+    if dry_run:
+        from sdtool.console import info
+
+        memory = estimate_memory(cfg)
+        info("memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
+        info("dry run: nothing trained")
+        return
+    out = FineTuneRecipe(cfg, plan).run()
+    if out is not None:
+        typer.echo(str(out))

@@ -1,0 +1,276 @@
+"""Training data: metadata entries → items with buckets, a resumable bucketed batch sampler, and the Dataset.
+
+Determinism: the batch order of epoch e depends only on (seed, e); every per-sample random choice (caption
+shuffle and dropout, flip, the latent sample) depends only on (seed, epoch, batch, slot). So a run is the same
+with any number of DataLoader workers, and the sampler can restart at any (epoch, batch) for an exact resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtool.console import warn
+from sdtool.errors import ImageError, InputError, SdtoolError
+from sdtool.metadata import ImageResolver, read_metadata
+from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
+from sdtool.train.config import DatasetSpec
+
+Size = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One image as training sees it: caption text (before per-step processing), bucket, resize and crop."""
+
+    image: Path
+    caption: str
+    bucket: Size
+    resized: Size
+    crop: tuple[int, int, int, int]
+    image_size: Size | None
+    subset: int
+    dataset: int
+
+
+@dataclass(frozen=True)
+class SubsetRuntime:
+    """Per-subset settings the Dataset needs at train time."""
+
+    rules: CaptionRules
+    flip_aug: bool
+    interpolation: str
+    metadata_file: Path
+    num_repeats: int
+
+
+def sample_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from the run seed and a position (epoch, batch, slot …)."""
+    digest = hashlib.blake2b(":".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def cover_resize(image_size: Size, bucket: Size) -> Size:
+    """Scale to cover the bucket (CONTRACT §E): by height when the image is wider than the bucket, else by width."""
+    w, h = image_size
+    bw, bh = bucket
+    scale = bh / h if w / h > bw / bh else bw / w
+    return int(w * scale + 0.5), int(h * scale + 0.5)
+
+
+def centre_crop(resized: Size, bucket: Size) -> tuple[int, int, int, int]:
+    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
+    return left, top, left + bucket[0], top + bucket[1]
+
+
+def _bucket_for(spec: DatasetSpec, image_size: Size) -> Size:
+    """Bucket for an entry without `train_resolution` (needs sdtool's bucket maths)."""
+    if not spec.enable_bucket:
+        return spec.resolution
+    try:
+        from sdtool import buckets  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise SdtoolError(
+            f"metadata entries without train_resolution (image size {image_size[0]}x{image_size[1]}): "
+            "run sdtool bucket on the images first"
+        ) from exc
+    area = spec.resolution[0] * spec.resolution[1]
+    resolutions = buckets.make_bucket_resolutions(
+        area, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps
+    )
+    return tuple(buckets.select_bucket(image_size, resolutions, no_upscale=spec.bucket_no_upscale).bucket)
+
+
+def _pair(value: Any) -> Size | None:
+    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRuntime]]:
+    """Read every subset's metadata into items; missing images are skipped and named (never silently dropped)."""
+    from sdtool.images import read_size
+
+    items: list[TrainItem] = []
+    subsets: list[SubsetRuntime] = []
+    for d, spec in enumerate(specs):
+        for sub in spec.subsets:
+            opts = sub.options
+            s = len(subsets)
+            subsets.append(
+                SubsetRuntime(
+                    rules=CaptionRules.from_options(opts),
+                    flip_aug=bool(opts["flip_aug"]),
+                    interpolation=opts["resize_interpolation"] or "lanczos",
+                    metadata_file=sub.metadata_file,
+                    num_repeats=int(opts["num_repeats"]),
+                )
+            )
+            resolver = ImageResolver(sub.image_dir or sub.metadata_file.parent)
+            for key, entry in read_metadata(sub.metadata_file).items():
+                try:
+                    path = resolver.resolve(key)
+                except InputError as exc:
+                    warn(f"skipped {key}: {exc.reason}")
+                    continue
+                if not path.is_file():
+                    warn(f"skipped {path}: image not found")
+                    continue
+                caption = assemble_caption(entry.get("caption"), entry.get("tags"), opts["caption_separator"])
+                if not caption and opts["caption_extension"]:
+                    side = path.with_suffix(opts["caption_extension"])
+                    if side.is_file():
+                        caption = side.read_text(encoding="utf-8").strip()
+                image_size = _pair(entry.get("image_size"))
+                bucket = _pair(entry.get("train_resolution")) if spec.enable_bucket else spec.resolution
+                if image_size is None and (bucket is None or entry.get("resized_size") is None):
+                    try:
+                        image_size = read_size(path)
+                    except ImageError as exc:
+                        warn(f"skipped {path}: {exc.reason}")
+                        continue
+                if bucket is None:
+                    assert image_size is not None
+                    bucket = _bucket_for(spec, image_size)
+                resized = _pair(entry.get("resized_size")) if spec.enable_bucket else None
+                if resized is None:
+                    assert image_size is not None
+                    resized = cover_resize(image_size, bucket)
+                crop = entry.get("crop_ltrb") if spec.enable_bucket else None
+                crop_box = tuple(crop) if isinstance(crop, list) and len(crop) == 4 else centre_crop(resized, bucket)
+                items.append(TrainItem(path, caption, bucket, resized, crop_box, image_size, s, d))  # type: ignore[arg-type]
+    if not items:
+        raise SdtoolError("the dataset has no usable images", hint="check metadata_file and image_dir")
+    return items, subsets
+
+
+class BucketBatchSampler:
+    """Batches of one bucket each, reshuffled every epoch from (seed, epoch); restartable at any batch.
+
+    Yields lists of `(item, epoch, batch, slot)` keys, so the Dataset can seed each sample from its position.
+    """
+
+    def __init__(self, items: list[TrainItem], subsets: list[SubsetRuntime], batch_sizes: list[int], seed: int):
+        self.seed = seed
+        groups: dict[tuple[int, Size], list[int]] = {}
+        for i, item in enumerate(items):
+            for _ in range(subsets[item.subset].num_repeats):
+                groups.setdefault((item.dataset, item.bucket), []).append(i)
+        self.groups = [(indices, batch_sizes[key[0]]) for key, indices in sorted(groups.items())]
+        self.epoch = 0
+        self.start = 0
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(indices) / bs) for indices, bs in self.groups)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The item indices of every batch of `epoch`, in order (a short last batch per bucket, like kohya)."""
+        rng = random.Random(sample_seed(self.seed, epoch))
+        batches = []
+        for indices, bs in self.groups:
+            order = indices[:]
+            rng.shuffle(order)
+            batches += [order[i : i + bs] for i in range(0, len(order), bs)]
+        rng.shuffle(batches)
+        return batches
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Start the next iteration at batch `start` of `epoch` (0-based)."""
+        self.epoch, self.start = epoch, start
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "start": self.start, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = state["seed"]
+        self.set_position(state["epoch"], state["start"])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
+        epoch, start = self.epoch, self.start
+        for b, batch in enumerate(self.batches(epoch)[start:], start):
+            yield [(item, epoch, b, slot) for slot, item in enumerate(batch)]
+
+
+class TrainDataset:
+    """Samples for keys from BucketBatchSampler: processed caption plus cached latents or bucketed pixels."""
+
+    def __init__(self, items: list[TrainItem], subsets: list[SubsetRuntime], seed: int, cached: bool):
+        self.items = items
+        self.subsets = subsets
+        self.seed = seed
+        self.cached = cached
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int, int, int]) -> dict[str, Any]:
+        import torch
+
+        index, epoch, batch, slot = key
+        item = self.items[index]
+        sub = self.subsets[item.subset]
+        seed = sample_seed(self.seed, epoch, batch, slot)
+        rng = random.Random(seed)
+        caption = process_caption(item.caption, sub.rules, rng, epoch + 1)
+        flip = sub.flip_aug and rng.random() < 0.5
+        if self.cached:
+            latents = load_cached(item, sub).sample(flip, torch.Generator().manual_seed(seed))
+            return {"latents": latents.float(), "caption": caption}
+        from sdtool.pixels import load_bucketed_pixels, to_tensor
+
+        pixels = load_bucketed_pixels(item.image, item.resized, item.bucket, sub.interpolation, item.image_size)
+        return {"pixels": to_tensor(pixels, flip), "caption": caption}
+
+
+def load_cached(item: TrainItem, sub: SubsetRuntime) -> Any:
+    """The cache entry of an item (native or kohya npz); raises when missing or stale."""
+    from sdtool.latents import default_cache_dir, load_latents  # type: ignore[import-not-found]
+
+    return load_latents(item.image, item.bucket, cache_dir=default_cache_dir(sub.metadata_file))
+
+
+def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime]) -> None:
+    """Refuse to start when any latent is missing or stale, naming the first few."""
+    try:
+        import sdtool.latents  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError as exc:
+        raise SdtoolError(
+            "cached latents need the latent cache module, which this sdtool does not have",
+            hint="set cache_latents = false to encode images on the fly",
+        ) from exc
+    bad = []
+    for item in items:
+        try:
+            load_cached(item, subsets[item.subset])
+        except SdtoolError as exc:
+            bad.append(exc.one_line())
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        metas = sorted({str(s.metadata_file) for s in subsets})
+        raise SdtoolError(
+            f"{len(bad)} of {len(items)} images have no usable cached latents: {shown}",
+            hint=f"run sdtool cache {' '.join(metas)} (or set cache_latents = false)",
+        )
+
+
+class Collate:
+    """Stacks a batch and tokenizes its captions (in the DataLoader worker, off the training process)."""
+
+    def __init__(self, tokenizer: Any, max_token_length: int | None):
+        self.tokenizer = tokenizer
+        self.max_token_length = max_token_length
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from sdtool.text import tokenize_chunks
+
+        captions = [s["caption"] for s in samples]
+        ids, lengths = tokenize_chunks(self.tokenizer, captions, self.max_token_length)
+        key = "latents" if "latents" in samples[0] else "pixels"
+        return {key: torch.stack([s[key] for s in samples]), "input_ids": ids, "lengths": lengths, "captions": captions}

@@ -1,0 +1,112 @@
+"""Items from metadata, the resumable bucket sampler and the per-sample determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdtool.train.config import load_config
+from sdtool.train.dataset import BucketBatchSampler, TrainDataset, cover_resize, load_items
+from tests.train.conftest import make_dataset, write_config
+
+
+def config_for(tmp_path, tiny_v1, meta, images, extra=""):
+    text = f"""
+pretrained_model_name_or_path = "{tiny_v1}"
+output_dir = "out"
+save_model_as = "diffusers"
+cache_latents = false
+{extra}
+[[datasets]]
+resolution = 64
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "{images}"
+  metadata_file = "{meta}"
+  num_repeats = 2
+"""
+    return load_config(write_config(tmp_path / "c.toml", text))
+
+
+def test_items_buckets_and_captions(tmp_path, tiny_v1):
+    images, meta = make_dataset(tmp_path / "d", 6)
+    cfg = config_for(tmp_path, tiny_v1, meta, images)
+    items, subsets = load_items(cfg.datasets)
+    assert len(items) == 6 and subsets[0].num_repeats == 2
+    tall = [i for i in items if i.bucket == (64, 128)]
+    assert len(tall) == 2 and tall[0].resized == cover_resize((80, 150), (64, 128)) == (68, 128)
+    assert items[0].caption == "a photo of a red cat, 1girl, solo, smile"
+    assert cover_resize((1920, 1080), (640, 384)) == (683, 384)  # CONTRACT §E worked case
+
+
+def test_missing_image_is_skipped_and_named(tmp_path, tiny_v1, capsys):
+    images, meta = make_dataset(tmp_path / "d", 3)
+    (images / "img1.png").unlink()
+    cfg = config_for(tmp_path, tiny_v1, meta, images)
+    items, _ = load_items(cfg.datasets)
+    assert len(items) == 2
+    assert "img1.png: image not found" in capsys.readouterr().err
+
+
+def test_no_train_resolution_needs_bucketing(tmp_path, tiny_v1):
+    from sdtool.errors import SdtoolError
+
+    images, meta = make_dataset(tmp_path / "d", 3)
+    data = json.loads(meta.read_text())
+    for entry in data.values():
+        del entry["train_resolution"]
+    meta.write_text(json.dumps(data))
+    cfg = config_for(tmp_path, tiny_v1, meta, images)
+    try:
+        import sdtool.buckets  # noqa: F401
+    except ImportError:
+        with pytest.raises(SdtoolError, match="run sdtool bucket"):
+            load_items(cfg.datasets)
+    # Without bucketing every image goes to the fixed resolution, which needs no bucket maths.
+    cfg = config_for(tmp_path, tiny_v1, meta, images, "enable_bucket = false")
+    items, _ = load_items(cfg.datasets)
+    assert {i.bucket for i in items} == {(64, 64)}
+
+
+def make_sampler(tmp_path, tiny_v1, seed=5):
+    images, meta = make_dataset(tmp_path / "d", 6)
+    cfg = config_for(tmp_path, tiny_v1, meta, images)
+    items, subsets = load_items(cfg.datasets)
+    return items, subsets, BucketBatchSampler(items, subsets, [2], seed)
+
+
+def test_sampler_covers_every_repeat_once_per_epoch_in_one_bucket_per_batch(tmp_path, tiny_v1):
+    items, _, sampler = make_sampler(tmp_path, tiny_v1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 6  # 8 square (with repeats) / 2 + 4 tall / 2
+    seen = sorted(key[0] for batch in batches for key in batch)
+    assert seen == sorted(list(range(6)) * 2)
+    for batch in batches:
+        assert len({items[k[0]].bucket for k in batch}) == 1
+
+
+def test_sampler_is_seeded_per_epoch_and_resumes_exactly(tmp_path, tiny_v1):
+    _, _, sampler = make_sampler(tmp_path, tiny_v1)
+    assert sampler.batches(0) == sampler.batches(0)
+    assert sampler.batches(0) != sampler.batches(1)
+    sampler.set_position(1, 0)
+    full = list(sampler)
+    sampler.set_position(1, 4)
+    state = sampler.state_dict()
+    other = BucketBatchSampler([], [], [], seed=0)
+    other.groups = sampler.groups
+    other.load_state_dict(state)
+    assert list(other) == full[4:]
+
+
+def test_samples_depend_on_position_not_on_order(tmp_path, tiny_v1):
+    items, subsets, sampler = make_sampler(tmp_path, tiny_v1)
+    subsets = [s.__class__(**{**s.__dict__, "flip_aug": True}) for s in subsets]
+    ds = TrainDataset(items, subsets, seed=5, cached=False)
+    keys = [k for batch in sampler for k in batch]
+    first = [ds[k] for k in keys]
+    again = [ds[k] for k in reversed(keys)][::-1]
+    for a, b in zip(first, again, strict=True):
+        assert a["caption"] == b["caption"] and a["pixels"].equal(b["pixels"])
+    assert first[0]["pixels"].shape[0] == 3 and first[0]["pixels"].abs().max() <= 1
