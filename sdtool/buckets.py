@@ -140,10 +140,17 @@ def select_bucket(width: int, height: int, settings: BucketSettings) -> BucketAs
         reso = settings.resolutions[best]
 
     bw, bh = reso
-    # Scale to cover the bucket: match the height for images wider than the bucket, else the width.
-    scale = bh / height if aspect_ratio > bw / bh else bw / width
-    resized = (int(width * scale + 0.5), int(height * scale + 0.5))
+    resized, scale = cover_resize((width, height), reso)
     return BucketAssignment((width, height), reso, resized, scale=scale, aspect_error=bw / bh - aspect_ratio)
+
+
+def cover_resize(size: Size, bucket: Size) -> tuple[Size, float]:
+    """The size that covers `bucket` (CONTRACT §E) and its scale: match the height for images wider than the
+    bucket, else the width; sides rounded with `int(x + 0.5)`."""
+    width, height = size
+    bw, bh = bucket
+    scale = bh / height if width / height > bw / bh else bw / width
+    return (int(width * scale + 0.5), int(height * scale + 0.5)), scale
 
 
 def _select_no_upscale(width: int, height: int, settings: BucketSettings) -> BucketAssignment:

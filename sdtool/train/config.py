@@ -678,13 +678,6 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append(f"lr_scheduler: unknown scheduler {cfg.lr_scheduler!r}{hint}")
     if isinstance(cfg.lr_warmup_steps, float) and not cfg.lr_warmup_steps < 1:
         problems.append("lr_warmup_steps: a float is a ratio of the total steps and must be < 1")
-    from sdtool.train.saving import single_file_saving_available
-
-    if cfg.save_model_as in ("safetensors", "ckpt") and not single_file_saving_available():
-        problems.append(
-            f"save_model_as: {cfg.save_model_as!r} single files cannot be written by this sdtool yet; "
-            "use 'diffusers_safetensors'"
-        )
     if cfg.use_safetensors and cfg.save_model_as in ("ckpt", "diffusers"):
         problems.append(f"use_safetensors: contradicts save_model_as = {cfg.save_model_as!r}")
 

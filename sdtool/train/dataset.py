@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdtool import buckets
 from sdtool.console import warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
@@ -55,35 +56,16 @@ def sample_seed(seed: int, *parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def cover_resize(image_size: Size, bucket: Size) -> Size:
-    """Scale to cover the bucket (CONTRACT §E): by height when the image is wider than the bucket, else by width."""
-    w, h = image_size
-    bw, bh = bucket
-    scale = bh / h if w / h > bw / bh else bw / w
-    return int(w * scale + 0.5), int(h * scale + 0.5)
-
-
-def centre_crop(resized: Size, bucket: Size) -> tuple[int, int, int, int]:
-    left, top = (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
-    return left, top, left + bucket[0], top + bucket[1]
-
-
-def _bucket_for(spec: DatasetSpec, image_size: Size) -> Size:
-    """Bucket for an entry without `train_resolution` (needs sdtool's bucket maths)."""
-    if not spec.enable_bucket:
-        return spec.resolution
-    try:
-        from sdtool import buckets  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise SdtoolError(
-            f"metadata entries without train_resolution (image size {image_size[0]}x{image_size[1]}): "
-            "run sdtool bucket on the images first"
-        ) from exc
-    area = spec.resolution[0] * spec.resolution[1]
-    resolutions = buckets.make_bucket_resolutions(
-        area, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps
+def _assign_bucket(spec: DatasetSpec, image_size: Size) -> buckets.BucketAssignment:
+    """Bucket, resize and crop for an entry without `train_resolution`, as `sdtool bucket` would assign them."""
+    settings = buckets.BucketSettings(
+        resolution=spec.resolution,
+        min_bucket_reso=spec.min_bucket_reso,
+        max_bucket_reso=spec.max_bucket_reso,
+        bucket_reso_steps=spec.bucket_reso_steps,
+        no_upscale=spec.bucket_no_upscale,
     )
-    return tuple(buckets.select_bucket(image_size, resolutions, no_upscale=spec.bucket_no_upscale).bucket)
+    return buckets.select_bucket(image_size[0], image_size[1], settings)
 
 
 def _pair(value: Any) -> Size | None:
@@ -134,15 +116,18 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
                     except ImageError as exc:
                         warn(f"skipped {path}: {exc.reason}")
                         continue
+                resized = _pair(entry.get("resized_size")) if spec.enable_bucket else None
                 if bucket is None:
                     assert image_size is not None
-                    bucket = _bucket_for(spec, image_size)
-                resized = _pair(entry.get("resized_size")) if spec.enable_bucket else None
+                    assignment = _assign_bucket(spec, image_size)
+                    bucket, resized = assignment.bucket, assignment.resized
                 if resized is None:
                     assert image_size is not None
-                    resized = cover_resize(image_size, bucket)
+                    resized, _ = buckets.cover_resize(image_size, bucket)
                 crop = entry.get("crop_ltrb") if spec.enable_bucket else None
-                crop_box = tuple(crop) if isinstance(crop, list) and len(crop) == 4 else centre_crop(resized, bucket)
+                crop_box = (
+                    tuple(crop) if isinstance(crop, list) and len(crop) == 4 else buckets.crop_ltrb(resized, bucket)
+                )
                 items.append(TrainItem(path, caption, bucket, resized, crop_box, image_size, s, d))  # type: ignore[arg-type]
     if not items:
         raise SdtoolError("the dataset has no usable images", hint="check metadata_file and image_dir")

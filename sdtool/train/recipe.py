@@ -13,7 +13,6 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -394,35 +393,30 @@ class FineTuneRecipe:
     def output_metadata(self) -> dict[str, str]:
         """modelspec 1.0.1 fields plus `sdtool.*` keys with the resolved training config (CONTRACT §I)."""
         from sdtool import __version__
+        from sdtool.models.saving import modelspec_metadata
 
         model, t = self.model, self.t
-        if model.v2:
-            arch = "stable-diffusion-v2-768-v" if model.v_prediction else "stable-diffusion-v2-512"
-        else:
-            arch = "stable-diffusion-v1"
-        w, h = self.cfg.datasets[0].resolution if self.cfg.datasets else (512, 512)
-        meta = {
-            "modelspec.sai_model_spec": "1.0.1",
-            "modelspec.architecture": arch,
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": t.metadata_title or t.output_name,
-            "modelspec.resolution": f"{w}x{h}",
-            "modelspec.date": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "modelspec.prediction_type": "v" if model.v_prediction else "epsilon",
+        extra = {
             "sdtool.version": __version__,
             "sdtool.config": self.cfg.to_toml(),
             "sdtool.seed": str(self.plan.seed),
             "sdtool.steps": str(self.state.global_step),
             "sdtool.epochs": str(self.state.epoch + (1 if self.state.batch_in_epoch else 0)),
         }
-        if t.clip_skip is not None:
-            meta["modelspec.encoder_layer"] = str(t.clip_skip)
         if t.min_timestep is not None or t.max_timestep is not None:
-            meta["modelspec.timestep_range"] = f"{t.min_timestep or 0},{t.max_timestep or 1000}"
+            extra["modelspec.timestep_range"] = f"{t.min_timestep or 0},{t.max_timestep or 1000}"
         for key in ("author", "description", "license", "tags", "usage_hint", "trigger_phrase"):
             value = getattr(t, f"metadata_{key}")
             if value is not None:
-                meta[f"modelspec.{key}"] = value
+                extra[f"modelspec.{key}"] = value
+        meta = modelspec_metadata(
+            v2=model.v2,
+            v_prediction=model.v_prediction,
+            title=t.metadata_title or t.output_name,
+            resolution=self.cfg.datasets[0].resolution if self.cfg.datasets else None,
+            encoder_layer=t.clip_skip,
+            extra=extra,
+        )
         return meta
 
     def run(self) -> Path | None:

@@ -11,19 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdtool.errors import ModelError
 from sdtool.fsutil import atomic_path
 
 PRECISIONS = {None: "float32", "float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def single_file_saving_available() -> bool:
-    """Whether this sdtool can write LDM single files (the model I/O module)."""
-    try:
-        from sdtool.models import saving  # type: ignore[attr-defined]  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def save_trained_model(
@@ -48,22 +38,16 @@ def save_trained_model(
         return _save_diffusers_folder(
             path, fmt == "diffusers_safetensors", unet, text_encoder, vae, tokenizer, scheduler_config, dtype, metadata
         )
-    try:
-        from sdtool.models.saving import save_single_file  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise ModelError(
-            f"{path}: this sdtool cannot write single-file checkpoints yet",
-            hint='set save_model_as = "diffusers_safetensors"',
-        ) from exc
+    from sdtool.models.saving import save_single_file
+
     return save_single_file(
+        {"unet": unet, "vae": vae, "text_encoder": text_encoder},
         path,
-        unet=unet,
-        text_encoder=text_encoder,
-        vae=vae,
         v2=v2,
         v_prediction=v_prediction,
         dtype=dtype,
-        metadata=metadata,
+        metadata=metadata if fmt == "safetensors" else None,
+        fmt=fmt,  # type: ignore[arg-type]
     )
 
 

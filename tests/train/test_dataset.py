@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
+from sdtool.buckets import cover_resize
 from sdtool.train.config import load_config
-from sdtool.train.dataset import BucketBatchSampler, TrainDataset, cover_resize, load_items
+from sdtool.train.dataset import BucketBatchSampler, TrainDataset, load_items
 from tests.train.conftest import make_dataset, write_config
 
 
@@ -35,9 +34,9 @@ def test_items_buckets_and_captions(tmp_path, tiny_v1):
     items, subsets = load_items(cfg.datasets)
     assert len(items) == 6 and subsets[0].num_repeats == 2
     tall = [i for i in items if i.bucket == (64, 128)]
-    assert len(tall) == 2 and tall[0].resized == cover_resize((80, 150), (64, 128)) == (68, 128)
+    assert len(tall) == 2 and tall[0].resized == cover_resize((80, 150), (64, 128))[0] == (68, 128)
     assert items[0].caption == "a photo of a red cat, 1girl, solo, smile"
-    assert cover_resize((1920, 1080), (640, 384)) == (683, 384)  # CONTRACT §E worked case
+    assert cover_resize((1920, 1080), (640, 384))[0] == (683, 384)  # CONTRACT §E worked case
 
 
 def test_missing_image_is_skipped_and_named(tmp_path, tiny_v1, capsys):
@@ -49,21 +48,27 @@ def test_missing_image_is_skipped_and_named(tmp_path, tiny_v1, capsys):
     assert "img1.png: image not found" in capsys.readouterr().err
 
 
-def test_no_train_resolution_needs_bucketing(tmp_path, tiny_v1):
-    from sdtool.errors import SdtoolError
+def test_entries_without_train_resolution_are_bucketed_like_sdtool_bucket(tmp_path, tiny_v1):
+    from sdtool.buckets import BucketSettings, select_bucket
 
     images, meta = make_dataset(tmp_path / "d", 3)
     data = json.loads(meta.read_text())
-    for entry in data.values():
-        del entry["train_resolution"]
+    sizes = {}
+    for key, entry in data.items():
+        sizes[key] = tuple(entry["image_size"])
+        for field in ("train_resolution", "resized_size", "crop_ltrb"):
+            entry.pop(field, None)
     meta.write_text(json.dumps(data))
     cfg = config_for(tmp_path, tiny_v1, meta, images)
-    try:
-        import sdtool.buckets  # noqa: F401
-    except ImportError:
-        with pytest.raises(SdtoolError, match="run sdtool bucket"):
-            load_items(cfg.datasets)
-    # Without bucketing every image goes to the fixed resolution, which needs no bucket maths.
+    items, _ = load_items(cfg.datasets)
+    spec = cfg.datasets[0]
+    settings = BucketSettings(
+        spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps, spec.bucket_no_upscale
+    )
+    for item in items:
+        expected = select_bucket(*item.image_size, settings)
+        assert (item.bucket, item.resized, item.crop) == (expected.bucket, expected.resized, expected.crop)
+    # Without bucketing every image goes to the fixed resolution.
     cfg = config_for(tmp_path, tiny_v1, meta, images, "enable_bucket = false")
     items, _ = load_items(cfg.datasets)
     assert {i.bucket for i in items} == {(64, 64)}

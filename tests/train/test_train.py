@@ -15,7 +15,6 @@ CONFIG = """
 pretrained_model_name_or_path = "{model}"
 
 [saving_arguments]
-save_model_as = "diffusers_safetensors"
 save_precision = "{precision}"
 
 [training_arguments]
@@ -66,19 +65,18 @@ def train(cli, tmp_path, model, steps=10, precision="fp16", workers=0, extra=())
 
 
 @pytest.mark.slow
-def test_kohya_config_trains_and_saves_a_diffusers_model(cli, tmp_path, tiny_v1):
+def test_kohya_config_trains_and_saves_a_single_file_diffusers_loads(cli, tmp_path, tiny_v1):
     from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
 
     out, result = train(cli, tmp_path, tiny_v1, steps=12)
-    saved = out / "tuned"
+    saved = out / "tuned.safetensors"  # safetensors in the LDM layout is the default
     assert result.stdout.strip() == str(saved)
     assert "SD v1, epsilon prediction" in result.stderr
 
+    assert {t.dtype for t in load_file(saved).values()} == {torch.float16}  # save_precision honoured
     before = StableDiffusionPipeline.from_pretrained(tiny_v1, safety_checker=None)
-    after = StableDiffusionPipeline.from_pretrained(saved, safety_checker=None)
-    for part in ("unet", "vae", "text_encoder"):  # save_precision honoured in every weight file
-        (weights,) = (saved / part).glob("*.safetensors")
-        assert {t.dtype for t in load_file(weights).values()} == {torch.float16}, part
+    after = StableDiffusionPipeline.from_single_file(str(saved), config=str(tiny_v1), safety_checker=None)
     unet0, unet1 = state(before.unet), state(after.unet)
     changed = [k for k in unet0 if not torch.allclose(unet0[k].half().float(), unet1[k])]
     assert len(changed) > len(unet0) // 2
@@ -96,7 +94,8 @@ def test_kohya_config_trains_and_saves_a_diffusers_model(cli, tmp_path, tiny_v1)
     last = sum(r["loss"] for r in lines[-3:]) / 3
     assert last < 0.7 * first, (first, last)
 
-    meta = json.loads((saved / "sdtool_training.json").read_text())
+    with safe_open(saved, "pt") as f:
+        meta = f.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.encoder_layer"] == "2"
     assert "clip_skip = 2" in meta["sdtool.config"] and meta["sdtool.seed"] == "42"
 
@@ -105,15 +104,32 @@ def test_kohya_config_trains_and_saves_a_diffusers_model(cli, tmp_path, tiny_v1)
 
 
 @pytest.mark.slow
+def test_diffusers_output_honours_save_precision(cli, tmp_path, tiny_v1):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = train(cli, tmp_path, tiny_v1, steps=1, extra=("--set", "save_model_as=diffusers_safetensors"))
+    saved = out / "tuned"
+    for part in ("unet", "vae", "text_encoder"):
+        (weights,) = (saved / part).glob("*.safetensors")
+        assert {t.dtype for t in load_file(weights).values()} == {torch.float16}, part
+    StableDiffusionPipeline.from_pretrained(saved, safety_checker=None)
+    meta = json.loads((saved / "sdtool_training.json").read_text())
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1"
+
+
+@pytest.mark.slow
 def test_v2_trains_as_v_prediction_without_being_told(cli, tmp_path, tiny_v2):
-    from diffusers import DDIMScheduler
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
 
     out, result = train(cli, tmp_path, tiny_v2, steps=2, precision="float", extra=("--set", "train_text_encoder=true"))
     assert "SD v2, v_prediction prediction" in result.stderr
-    saved = out / "tuned"
-    assert DDIMScheduler.from_pretrained(saved, subfolder="scheduler").config.prediction_type == "v_prediction"
-    meta = json.loads((saved / "sdtool_training.json").read_text())
+    saved = out / "tuned.safetensors"
+    with safe_open(saved, "pt") as f:
+        meta = f.metadata()
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v" and meta["modelspec.prediction_type"] == "v"
+    pipe = StableDiffusionPipeline.from_single_file(str(saved), config=str(tiny_v2), safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert set(lines[0]["lr"]) == {"unet", "text_encoder"}
 
