@@ -127,7 +127,8 @@ def report(
 ) -> None:
     """Print a rich table of `results` on stderr; with `json_lines` also one JSON object per result on stdout."""
     info = info if info is not None else machine()
-    console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+    # A pipe or a log file gets rich's 80 columns by default, which wraps every note; give the table room.
+    console = console or Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
     table = Table(title=f"sdtool benchmarks — {describe_machine(info)}", title_justify="left")
     for column, justify in [
         ("benchmark", "left"),
