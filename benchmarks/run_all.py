@@ -11,6 +11,7 @@ to stderr; `--json` also writes one JSON object per result (with the machine) on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -134,12 +135,14 @@ def run_one(key: str, quick: bool, modules: dict[str, object]) -> list[BenchResu
         return [unavailable(key, f"not available (benchmarks/{bench.module}.py is not there yet)")]
     shared = sum(b.module == bench.module for b in BENCHES.values()) > 1
     try:
-        if bench.module not in modules:
-            modules[bench.module] = importlib.import_module(f"benchmarks.{bench.module}")
-        fn = getattr(modules[bench.module], "run", None)
-        if callable(fn):
-            return run_in_process(key, fn, quick, shared) or [unavailable(key, "returned no results")]
-        return run_as_script(key, bench, quick)
+        # stdout is for the --json records only: whatever a benchmark prints goes to stderr with the progress lines.
+        with contextlib.redirect_stdout(sys.stderr):
+            if bench.module not in modules:
+                modules[bench.module] = importlib.import_module(f"benchmarks.{bench.module}")
+            fn = getattr(modules[bench.module], "run", None)
+            if callable(fn):
+                return run_in_process(key, fn, quick, shared) or [unavailable(key, "returned no results")]
+            return run_as_script(key, bench, quick)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # a benchmark's failure (even SystemExit from its argparse) must not stop the rest
