@@ -106,7 +106,8 @@ def build_unet(config: dict[str, Any], device: Any, checkpointing: bool = True) 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config).to(device)
+    unet: Any = UNet2DConditionModel(**config)
+    unet = unet.to(device)
     unet.set_attn_processor(AttnProcessor2_0())
     if checkpointing:
         unet.enable_gradient_checkpointing()
