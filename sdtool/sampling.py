@@ -435,7 +435,7 @@ def generate_samples(
     with preserved_rng_state(), torch.no_grad(), _inference_mode_for([unet, vae, text_encoder], device):
         # No text encoder or tokenizer in the pipeline: prompts arrive as embeddings, which it then casts to the
         # U-Net's dtype, so a U-Net kept in a different precision from the text encoder still works.
-        pipe = StableDiffusionPipeline(
+        pipe: Any = StableDiffusionPipeline(  # Any: diffusers' dynamic attributes are invisible to mypy
             vae=vae,
             text_encoder=None,
             tokenizer=None,
