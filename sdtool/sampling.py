@@ -418,6 +418,8 @@ def generate_samples(
 ) -> list[Path]:
     """Render one PNG per prompt and a grid into `out_dir`; returns the image paths in prompt order, then the grid.
 
+    `prompts` may mix SamplePrompts and `.txt`-style lines; an empty list renders nothing and returns [].
+
     Training state is untouched: RNG states, train/eval flags and devices are restored, weights are only read.
     `dtype` is the autocast precision (float32 = none); `epoch_end=True` names files `e<epoch:06d>` like kohya.
     """
@@ -425,6 +427,10 @@ def generate_samples(
     from diffusers import StableDiffusionPipeline
 
     default_sampler = check_sampler(default_sampler)
+    if not 1 <= default_steps <= MAX_STEPS:
+        raise UsageError(f"sample steps must be between 1 and {MAX_STEPS}, not {default_steps}")
+    if not prompts:
+        return []
     items = [p if isinstance(p, SamplePrompt) else parse_prompt_line(p, f"prompt {i}") for i, p in enumerate(prompts)]
     settings = [_resolved(p, i, default_sampler, default_steps, default_size) for i, p in enumerate(items)]
     out_dir = Path(out_dir)

@@ -407,3 +407,17 @@ def test_training_is_bit_identical_with_and_without_sampling(tiny_v1, tmp_path):
 
     with_sampling, without = train(True), train(False)
     assert all(torch.equal(with_sampling[k], without[k]) for k in without)
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+def test_cuda_sampling_moves_models_back_and_keeps_cuda_rng(model_v1, tmp_path):
+    import torch
+
+    m = model_v1
+    torch.cuda.manual_seed_all(5)
+    cuda_state = torch.cuda.get_rng_state_all()
+    paths = _generate(m, ["a cat --d 1"], tmp_path, device="cuda", dtype=torch.float16)
+    assert len(paths) == 2
+    assert all(next(model.parameters()).device.type == "cpu" for model in (m.unet, m.vae, m.text_encoder))
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_state, strict=True))
