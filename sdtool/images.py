@@ -100,9 +100,12 @@ def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
                         yield entry.path
                 elif recursive and entry.is_dir(follow_symlinks=False):
                     subdirs.append(entry.path)
-                elif entry.is_symlink() and not os.path.exists(entry.path):
-                    if os.path.splitext(entry.name)[1].lower() in exts:
-                        yield entry.path
+                elif (
+                    entry.is_symlink()
+                    and os.path.splitext(entry.name)[1].lower() in exts
+                    and not os.path.exists(entry.path)
+                ):
+                    yield entry.path
             except OSError:
                 continue
     for sub in subdirs:
