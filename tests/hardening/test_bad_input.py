@@ -84,7 +84,7 @@ def test_bucket_without_recursive_leaves_sub_folders_alone(corpus, cli, tmp_path
     assert not any("sub" in k or "dir.png" in k for k in read_metadata(out))
 
 
-def test_bucket_only_bad_input_is_an_error_not_an_empty_file(tmp_path, cli):
+def test_bucket_with_only_bad_images_names_them_and_writes_an_empty_file(tmp_path, cli):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"")
