@@ -115,6 +115,9 @@ def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
 def _open_checked(path: Path) -> Image.Image:
     """Open lazily (header only) and refuse bombs before any pixel is decoded."""
     limit = max_pixels()
+    # Pillow refuses images over twice its own limit by itself; keep its limit in step with SDTOOL_MAX_PIXELS so
+    # that raising SDTOOL_MAX_PIXELS really admits larger images and ours is the check that speaks.
+    Image.MAX_IMAGE_PIXELS = limit
     try:
         if path.stat().st_size == 0:
             raise ImageError(path, "empty file")
@@ -125,7 +128,9 @@ def _open_checked(path: Path) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"decompression bomb refused ({exc})") from exc
+        raise ImageError(
+            path, f"decompression bomb refused ({exc})", hint="raise SDTOOL_MAX_PIXELS if the image is genuine"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(path, "not an image Pillow can identify") from exc
     except FileNotFoundError as exc:
