@@ -115,9 +115,9 @@ def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
 def _open_checked(path: Path) -> Image.Image:
     """Open lazily (header only) and refuse bombs before any pixel is decoded."""
     limit = max_pixels()
-    # Pillow refuses images over twice its own limit by itself; keep its limit in step with SDTOOL_MAX_PIXELS so
-    # that raising SDTOOL_MAX_PIXELS really admits larger images and ours is the check that speaks.
-    Image.MAX_IMAGE_PIXELS = limit
+    # Pillow refuses images over twice its own limit by itself, whatever SDTOOL_MAX_PIXELS says: switch its check
+    # off so that ours (below, on the header's size, still before any decoding) is the one that decides.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         if path.stat().st_size == 0:
             raise ImageError(path, "empty file")
