@@ -604,7 +604,7 @@ def _load_native(
     allow_stale: bool,
     flip_aug: bool,
 ) -> CachedLatents:
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     record = read_native_record(path)
@@ -616,7 +616,7 @@ def _load_native(
         raise (MissingLatentsError if kind == "missing" else StaleLatentsError)(image_path, reason)
     try:
         tensors = load_file(str(path))
-    except (OSError, SafetensorsError) as exc:
+    except (OSError, SafetensorError) as exc:
         raise LatentCacheError(image_path, f"unreadable cache entry {path} ({exc})") from None
     _check_shape(tensors["mean"], bucket, image_path, str(path))
     if flip_aug and "flipped_mean" not in tensors:
@@ -705,6 +705,8 @@ def _load_kohya(
                     image_path, f"{path.name}: {reason}"
                 )
         flipped = npz.latents_flipped
+        if flip_aug and flipped is None:
+            raise MissingLatentsError(image_path, f"{path.name}: no flipped latents (cached without --flip-aug)")
         if flipped is not None:
             _check_shape(flipped, bucket, image_path, str(path))
         return CachedLatents(
