@@ -395,6 +395,10 @@ def record_problem(
     check_source: bool = True,
 ) -> tuple[Status, str] | None:
     """Why an entry with this record cannot be used for these expectations: ("stale"|"missing", reason), or None."""
+    recorded_name = Path(str(record.get("image", ""))).name
+    if recorded_name != Path(image_path).name:
+        # kohya names drop the extension, so a.png and a.jpg of one size share a file: it must be the right one.
+        return "stale", f"made from another image ({recorded_name or 'unknown'})"
     if list(record.get("bucket", [])) != list(bucket):
         return "stale", f"bucket changed (cached for {_size(record.get('bucket', []))}, now {_size(bucket)})"
     if placement is not None:

@@ -143,8 +143,12 @@ def run_cache(
     options: CacheOptions,
     output: Output,
     skips: SkipReporter,
+    vae_module: Any = None,
 ) -> CacheSummary:
-    """Encode every missing or stale entry of a bucketed metadata file (all of them with `overwrite`)."""
+    """Encode every missing or stale entry of a bucketed metadata file (all of them with `overwrite`).
+
+    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. benchmarks and demo).
+    """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
     metadata_path = Path(metadata_path)
@@ -155,6 +159,8 @@ def run_cache(
         skips.skip(path, reason)
         output.record({"path": path, "status": "skipped", "reason": reason})
     summary.skipped += len(problems)
+    if options.fmt == "kohya":
+        items = _drop_npz_collisions(items, output, summary, skips)
 
     vae_source = str(vae if vae is not None else model)
     try:
@@ -176,7 +182,8 @@ def run_cache(
     device = resolve_device(options.device)
     precision = options.precision or "fp32"
     dtype = torch_dtype(precision)
-    vae_module = load_cache_vae(model, vae, dtype, device)
+    if vae_module is None:
+        vae_module = load_cache_vae(model, vae, dtype, device)
     if fingerprint is None:
         fingerprint = lc.vae_fingerprint(vae_source)
         todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
@@ -246,6 +253,25 @@ def _select_work(
                 debug(f"re-encoding {item.image_path}: {st.reason}")
             todo.append(item)
     return todo
+
+
+def _drop_npz_collisions(
+    items: list[lc.CacheItem], output: Output, summary: CacheSummary, skips: SkipReporter
+) -> list[lc.CacheItem]:
+    """kohya names drop the extension: of two images that would share an npz file, the second is skipped."""
+    owners: dict[Path, Path] = {}
+    kept = []
+    for item in items:
+        npz = lc.kohya_npz_path(item.image_path, item.placement.original_size)
+        owner = owners.setdefault(npz, item.image_path)
+        if owner != item.image_path:
+            reason = f"its kohya cache name {npz.name} is taken by {owner.name} (use --format sdtool)"
+            skips.skip(item.image_path, reason)
+            output.record({"path": str(item.image_path), "status": "skipped", "reason": reason})
+            summary.skipped += 1
+            continue
+        kept.append(item)
+    return kept
 
 
 def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any) -> tuple[Any, Any]:

@@ -133,14 +133,17 @@ def _print_status(
 
     from sdtool import latents as lc
     from sdtool.console import VERBOSE, Output, info, print_table, verbosity, warn
-    from sdtool.errors import StrictModeError
+    from sdtool.errors import SdtoolError, StrictModeError
 
     source = vae if vae is not None else model
     fingerprint = None
     if source is None:
         warn("the VAE is not compared: pass --model or --vae to detect entries made with another VAE")
     else:
-        fingerprint = lc.vae_fingerprint(source)
+        try:
+            fingerprint = lc.vae_fingerprint(source)
+        except SdtoolError as exc:
+            warn(f"the VAE is not compared: {exc.one_line()}")
     statuses = lc.cache_status(
         metadata,
         image_dir=image_dir,

@@ -96,3 +96,15 @@ def make_dataset(root: Path, images=DEFAULT_IMAGES, relative: bool = True, sdtoo
 def dataset(tmp_path) -> Path:
     """Four images in three buckets, absolute keys; returns the metadata path."""
     return make_dataset(tmp_path, relative=False)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per test process: tiny VAEs gain nothing from more, and on a 2-core machine running
+    pytest -n 2 more threads only oversubscribe the cores (OpenMP barriers then cost more than the convolutions)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
