@@ -295,3 +295,16 @@ def test_corrupt_entries_are_named(tmp_path):
     (tmp_path / "img" / "a.npz").write_bytes(buf.getvalue())
     with pytest.raises(lc.LatentCacheError, match="no 'latents'"):
         lc.load_latents(image, (64, 48), fmt="kohya")
+
+
+def test_vae_fingerprint_of_a_hub_model_in_the_local_cache(tiny_v1, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_v1 / "vae", snapshot / "vae")
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert lc.vae_fingerprint("someone/tiny") == lc.vae_fingerprint(tiny_v1)
