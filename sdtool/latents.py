@@ -170,7 +170,7 @@ def require_buckets(metadata: Mapping[str, Mapping[str, Any]], metadata_path: st
         some = unbucketed[0] if len(unbucketed) == 1 else f"{unbucketed[0]} and {len(unbucketed) - 1} more"
         raise MissingBucketError(
             f"{metadata_path}: {len(unbucketed)} of {len(metadata)} entries have no train_resolution ({some})",
-            hint=f"run sdtool bucket first and pass the metadata it writes (e.g. sdtool bucket DIR -o {metadata_path})",
+            hint=f"run sdtool bucket first (sdtool bucket DIR --output {metadata_path})",
         )
 
 

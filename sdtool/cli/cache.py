@@ -75,6 +75,10 @@ def command(
     from sdtool.console import Output, SkipReporter
 
     if status:
+        if overwrite:
+            from sdtool.errors import UsageError
+
+            raise UsageError("--status only reports; it cannot be combined with --overwrite")
         _print_status(
             metadata,
             model,

@@ -250,6 +250,8 @@ def test_refuses_unbucketed_metadata_and_missing_model(cli, tiny_v1, tmp_path):
     meta.write_text(json.dumps({"a.png": entry(64, 64, 64, 64)}))
     no_model = cli("cache", meta)
     assert no_model.exit_code == 2 and "--model" in no_model.stderr
+    both = cli("cache", meta, "--status", "--overwrite")
+    assert both.exit_code == 2 and "cannot be combined" in both.stderr
 
 
 def test_precision_is_recorded_and_compared_only_when_asked(cli, tiny_v1, dataset):
