@@ -51,7 +51,7 @@ def command(
         Precision | None,
         typer.Option(
             "--precision",
-            help="VAE precision [default: fp32]. When given, entries made at another precision count as stale.",
+            help="VAE precision (fp32 when not given); when given, entries made at another precision are stale.",
             show_default=False,
         ),
     ] = None,
@@ -64,10 +64,16 @@ def command(
         CacheFormat, typer.Option("--format", help="sdtool (mean+std, fingerprinted) or kohya npz.")
     ] = CacheFormat.sdtool,
     cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Where sdtool-format entries go (default: beside META).")
+        Path | None,
+        typer.Option("--cache-dir", help="Where sdtool-format entries go (default: <META stem>.latents/ beside META)."),
     ] = None,
     overwrite: OverwriteOpt = False,
-    status: Annotated[bool, typer.Option("--status", help="Report ok/missing/stale without encoding.")] = False,
+    status: Annotated[
+        bool,
+        typer.Option(
+            "--status", help="Report ok/missing/stale per image without encoding (with --strict: exit 1 unless all ok)."
+        ),
+    ] = False,
     json_lines: JsonOpt = False,
     strict: StrictOpt = False,
 ) -> None:
