@@ -262,7 +262,7 @@ def test_precision_is_recorded_and_compared_only_when_asked(cli, tiny_v1, datase
     assert {r["status"] for r in rows} == {"stale"} and "precision changed" in rows[0]["reason"]
 
 
-def test_an_interrupted_run_resumes(tiny_v1, tmp_path):
+def test_an_interrupted_run_resumes(cli, tiny_v1, tmp_path):
     images = [(f"im{i:02d}.png", (80, 64), (64, 64)) for i in range(16)]
     meta_path = make_dataset(tmp_path, images=images, relative=True)
     cache_dir = tmp_path / "cache"
@@ -296,8 +296,8 @@ def test_an_interrupted_run_resumes(tiny_v1, tmp_path):
     assert 2 <= len(done) < len(images)
     for path in done:  # every file under a final name is whole
         assert load_file(path)["flipped_std"].shape == (4, 8, 8)
-    rerun = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = cli(*args[3:], "--json")  # the same command line, in-process
+    assert rerun.exit_code == 0, rerun.stderr
     counts = _by_status(_json_lines(rerun.stdout))
     assert len(counts["written"]) == len(images) - len(done) and len(counts["kept"]) == len(done)
     assert leftover_temp_files(cache_dir) == []
