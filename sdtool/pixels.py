@@ -74,5 +74,6 @@ def to_tensor(pixels: np.ndarray, flip: bool = False) -> Any:
     import torch
 
     arr = pixels[:, ::-1] if flip else pixels
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    # PIL-backed arrays are read-only; torch wants a writable buffer (one bucket-sized uint8 copy at most).
+    t = torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1).float()
     return t / 127.5 - 1.0

@@ -1,0 +1,195 @@
+"""Benchmark `sdtool cache` against two references measured in the same run.
+
+- sequential: a plain loop, one image at a time: load → resize/crop → VAE encode (batch 1), nothing written;
+- VAE only: the same images already in memory as tensors, encoded in the same batches `sdtool cache` uses.
+
+`sdtool cache` (run_cache with the VAE already loaded, `--overwrite`, fingerprints, checks and atomic writes
+included) should be at least as fast as the sequential loop (ratio ≤ 1.0) and within 10% of the VAE alone
+(ratio ≤ 1.10): loading is hidden behind the VAE. The VAE is SD-sized (SD 1.x/2.x config) with random weights,
+so it costs what the real one costs; nothing is downloaded.
+
+    python benchmarks/bench_cache.py [--images 8] [--size 768x512] [--bucket 448x320] [--batch-size 4] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SD_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+
+def _pair(text: str) -> tuple[int, int]:
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+def make_images(folder: Path, n: int, size: tuple[int, int], bucket: tuple[int, int]) -> Path:
+    """n JPEGs (photo-like noise + gradients) and a bucketed metadata file, as `sdtool bucket` writes it."""
+    import numpy as np
+    from PIL import Image
+
+    from sdtool.latents import cover_resize
+    from sdtool.pixels import crop_ltrb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    resized = cover_resize(size, bucket)
+    meta = {}
+    for i in range(n):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 // w, y * 255 // h, (x + y + 40 * i) % 256], axis=-1).astype(np.int16)
+        arr = np.clip(base + rng.integers(-30, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        path = folder / f"img{i:03d}.jpg"
+        Image.fromarray(arr).save(path, quality=92)
+        meta[str(path)] = {
+            "caption": "benchmark",
+            "image_size": [w, h],
+            "train_resolution": list(bucket),
+            "resized_size": list(resized),
+            "crop_ltrb": list(crop_ltrb(resized, bucket)),
+        }
+    meta_path = folder / "meta.json"
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return meta_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--size", type=_pair, default=(768, 512), help="source image size WxH")
+    parser.add_argument("--bucket", type=_pair, default=(448, 320), help="bucket WxH")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time of each counts")
+    args = parser.parse_args()
+
+    from sdtool.runtime import quiet_third_party
+
+    quiet_third_party()
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sdtool import latents as lc
+    from sdtool.console import QUIET, Output, SkipReporter, set_verbosity
+    from sdtool.pixels import load_bucketed_pixels, to_tensor
+    from sdtool.vae_encode import CacheOptions, bucket_batches, run_cache
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="sdtool-bench-cache-") as tmp:
+        root = Path(tmp)
+        meta_path = make_images(root / "img", args.images, args.size, args.bucket)
+        torch.manual_seed(0)
+        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        vae.save_pretrained(root / "vae", safe_serialization=True)
+        vae = vae.to(device).eval().requires_grad_(False)
+        items, problems = lc.plan_items(meta_path)
+        assert not problems, problems
+        print(
+            f"{len(items)} images {args.size[0]}x{args.size[1]} → bucket {args.bucket[0]}x{args.bucket[1]}, "
+            f"SD-sized VAE on {device}, batch {args.batch_size}, {os.cpu_count()} CPU cores, "
+            f"torch threads {torch.get_num_threads()}",
+            file=sys.stderr,
+        )
+
+        # Time spent inside the VAE, per variant: what is left of a run's time is the overhead it did not hide,
+        # a figure that load from other processes on the machine barely moves.
+        vae_seconds = [0.0]
+        plain_encode = vae.encode
+
+        def timed_encode(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return plain_encode(*a, **kw)
+            finally:
+                vae_seconds[0] += time.perf_counter() - t
+
+        vae.encode = timed_encode
+
+        def encode(x: torch.Tensor) -> None:
+            dist = vae.encode(x.to(device)).latent_dist
+            dist.mean.float().cpu(), dist.std.float().cpu()
+
+        batches = bucket_batches(items, args.batch_size)
+        options = CacheOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, overwrite=True)
+
+        def run_sequential() -> None:
+            for item in items:
+                p = item.placement
+                pixels = load_bucketed_pixels(item.image_path, p.resized, p.bucket, "lanczos", p.original_size)
+                encode(to_tensor(pixels)[None])
+
+        tensors = {
+            it.image_path: to_tensor(load_bucketed_pixels(it.image_path, it.placement.resized, it.placement.bucket))
+            for it in items
+        }
+
+        def run_vae_only() -> None:
+            for batch in batches:
+                encode(torch.stack([tensors[it.image_path] for it in batch]))
+
+        def run_sdtool_cache() -> None:
+            summary = run_cache(
+                meta_path,
+                model=None,
+                vae=str(root / "vae"),
+                image_dir=None,
+                options=options,
+                output=Output(False, stream=io.StringIO()),
+                skips=SkipReporter(),
+                vae_module=vae,
+            )
+            assert summary.written == len(items), summary
+
+        set_verbosity(QUIET)
+        runs = {"sequential": run_sequential, "vae_only": run_vae_only, "cache": run_sdtool_cache}
+        best = {name: float("inf") for name in runs}
+        inside = {name: 0.0 for name in runs}
+        with torch.inference_mode():
+            p = items[0].placement
+            encode(to_tensor(load_bucketed_pixels(items[0].image_path, p.resized, p.bucket))[None])  # warm-up
+        # Interleaved repeats, best of each: other load on the machine hits every variant alike.
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                vae_seconds[0] = 0.0
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    fn()
+                took = time.perf_counter() - t0
+                if took < best[name]:
+                    best[name], inside[name] = took, vae_seconds[0]
+        sequential, vae_only, cached = best["sequential"], best["vae_only"], best["cache"]
+
+    print(f"sequential load→resize→encode (batch 1): {sequential:8.2f} s")
+    print(f"VAE only (batch {args.batch_size}, tensors in memory):   {vae_only:8.2f} s")
+    print(f"sdtool cache (batch {args.batch_size}):                  {cached:8.2f} s")
+    print(f"ratio cache / sequential: {cached / sequential:.3f}  (target ≤ 1.00)")
+    print(f"ratio cache / VAE only:   {cached / vae_only:.3f}  (target ≤ 1.10)")
+    for name, label in (("sequential", "sequential"), ("cache", "sdtool cache")):
+        outside = best[name] - inside[name]
+        print(f"{label}: {outside:.2f} s outside the VAE ({outside / inside[name]:.1%} of its VAE time)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""The `sdtool cache` job: encode bucketed images with the VAE and write their latent cache entries (§F).
+
+Images are decoded, resized and cropped by a thread pool (PIL and hashlib release the GIL) a few batches ahead of
+the VAE, which encodes one bucket per batch (the flipped crops ride in the same batch). Each entry is checked for
+NaN/inf and written atomically as soon as its batch is done, so an interrupted run keeps every finished entry and
+a rerun encodes only what is missing or stale.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtool import latents as lc
+from sdtool.console import Output, SkipReporter, debug, info, progress_bar
+from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
+from sdtool.fsutil import TEMP_SUFFIX
+
+
+@dataclass
+class CacheOptions:
+    """What `sdtool cache` was asked to do (validated by the CLI)."""
+
+    fmt: lc.CacheFormat = "sdtool"
+    cache_dir: Path | None = None
+    flip_aug: bool = False
+    batch_size: int = 4
+    interpolation: str = "lanczos"
+    precision: str | None = None  # None: fp32 for new entries, any precision accepted for existing ones
+    device: str = "auto"
+    workers: int | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class CacheSummary:
+    written: int = 0
+    kept: int = 0
+    skipped: int = 0
+    nonfinite: int = 0
+
+
+@dataclass
+class _Loaded:
+    item: lc.CacheItem
+    pixels: Any = None
+    source: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def _load(item: lc.CacheItem, interpolation: str) -> _Loaded:
+    """Runs in a loader thread: fingerprint the file, then decode, resize and crop it."""
+    from sdtool.pixels import load_bucketed_pixels
+
+    p = item.placement
+    try:
+        # Fingerprint before decoding: if the file changes meanwhile, the entry looks stale, never wrongly fresh.
+        source = lc.source_fingerprint(item.image_path)
+        pixels = load_bucketed_pixels(item.image_path, p.resized, p.bucket, interpolation, p.original_size)
+    except ImageError as exc:
+        return _Loaded(item, error=exc.reason)
+    except OSError as exc:
+        return _Loaded(item, error=f"cannot read the file ({exc.strerror or exc})")
+    return _Loaded(item, pixels=pixels, source=source)
+
+
+def bucket_batches(items: list[lc.CacheItem], batch_size: int) -> list[list[lc.CacheItem]]:
+    """Batches of at most `batch_size` images that all share one bucket (metadata order within a bucket)."""
+    by_bucket: dict[tuple[int, int], list[lc.CacheItem]] = {}
+    for item in items:
+        by_bucket.setdefault(item.placement.bucket, []).append(item)
+    batches = []
+    for bucket in sorted(by_bucket):
+        group = by_bucket[bucket]
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+def prefetch_batches(
+    batches: list[list[lc.CacheItem]], interpolation: str, workers: int, ahead: int
+) -> Iterator[list[_Loaded]]:
+    """Yield loaded batches in order while a thread pool prepares up to `ahead` batches beyond the current one."""
+    if workers <= 0:
+        for batch in batches:
+            yield [_load(item, interpolation) for item in batch]
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdtool-load")
+    pending: deque[list[Future[_Loaded]]] = deque()
+    it = iter(batches)
+    try:
+        for batch in it:
+            pending.append([pool.submit(_load, item, interpolation) for item in batch])
+            if len(pending) > ahead:
+                break
+        while pending:
+            futures = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append([pool.submit(_load, item, interpolation) for item in nxt])
+            yield [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _image_seed(path: Path) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).digest()[:8], "big")
+
+
+def _remove_temp_files(folder: Path, pattern: str) -> None:
+    """Temp files of writes a killed run left behind (atomic writes never leave half files under final names)."""
+    for tmp in folder.glob(pattern):
+        if tmp.name.startswith(".") and tmp.name.endswith(TEMP_SUFFIX):
+            debug(f"removing leftover temp file {tmp}")
+            tmp.unlink(missing_ok=True)
+
+
+def load_cache_vae(model: str | None, vae: str | None, dtype: Any, device: Any) -> Any:
+    """The VAE that encodes: `--vae` when given, else the model's `vae/`; eval mode, no grads."""
+    from sdtool.models.loading import load_model, load_vae
+
+    if vae is not None:
+        module = load_vae(vae, dtype=dtype)
+    else:
+        assert model is not None
+        module = load_model(model, dtype=dtype, components=("vae",)).vae
+    module.requires_grad_(False)
+    return module.to(device).eval()
+
+
+def run_cache(
+    metadata_path: str | Path,
+    *,
+    model: str | None,
+    vae: str | None,
+    image_dir: str | Path | None,
+    options: CacheOptions,
+    output: Output,
+    skips: SkipReporter,
+    vae_module: Any = None,
+) -> CacheSummary:
+    """Encode every missing or stale entry of a bucketed metadata file (all of them with `overwrite`).
+
+    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. benchmarks and demo).
+    """
+    if model is None and vae is None:
+        raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
+    metadata_path = Path(metadata_path)
+    cache_dir = Path(options.cache_dir) if options.cache_dir is not None else lc.default_cache_dir(metadata_path)
+    items, problems = lc.plan_items(metadata_path, image_dir)
+    summary = CacheSummary()
+    for path, reason in problems:
+        skips.skip(path, reason)
+        output.record({"path": path, "status": "skipped", "reason": reason})
+    summary.skipped += len(problems)
+    if options.fmt == "kohya":
+        items = _drop_npz_collisions(items, output, summary, skips)
+
+    vae_source = str(vae if vae is not None else model)
+    try:
+        fingerprint: str | None = lc.vae_fingerprint(vae_source)
+    except SdtoolError as exc:
+        # A hub model that is not downloaded yet: it is fingerprinted after loading fetches it.
+        debug(f"VAE fingerprint before loading failed: {exc.one_line()}")
+        fingerprint = None
+
+    todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
+    if not todo:
+        info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
+        return summary
+
+    import torch
+
+    from sdtool.runtime import resolve_device, torch_dtype
+
+    device = resolve_device(options.device)
+    precision = options.precision or "fp32"
+    dtype = torch_dtype(precision)
+    if vae_module is None:
+        vae_module = load_cache_vae(model, vae, dtype, device)
+    if fingerprint is None:
+        fingerprint = lc.vae_fingerprint(vae_source)
+        todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
+
+    if options.fmt == "sdtool":
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_temp_files(cache_dir, f".*{TEMP_SUFFIX}")
+    else:
+        for folder in {item.image_path.parent for item in todo}:
+            _remove_temp_files(folder, f".*.npz.*{TEMP_SUFFIX}")
+
+    workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
+    batches = bucket_batches(todo, options.batch_size)
+    info(
+        f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
+        + (f", {summary.kept} up to date" if summary.kept else "")
+    )
+    writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
+    with progress_bar("cache", len(todo)) as advance, torch.inference_mode():
+        for loaded in prefetch_batches(batches, options.interpolation, workers, ahead=max(2, workers)):
+            good = []
+            for entry in loaded:
+                if entry.error is not None:
+                    writer.skip(entry.item, entry.error)
+                else:
+                    good.append(entry)
+            if good:
+                mean, std = _encode(vae_module, good, options.flip_aug, device, dtype)
+                for i, entry in enumerate(good):
+                    writer.write(entry, mean, std, i, len(good))
+            advance(len(loaded))
+    if summary.nonfinite:
+        raise NonFiniteError(
+            f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; they were not written",
+            hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
+        )
+    return summary
+
+
+def _select_work(
+    items: list[lc.CacheItem],
+    cache_dir: Path,
+    fingerprint: str | None,
+    options: CacheOptions,
+    output: Output,
+    summary: CacheSummary,
+) -> list[lc.CacheItem]:
+    """Items whose entry is missing or stale (all with --overwrite); up-to-date ones are reported as kept."""
+    if options.overwrite:
+        return list(items)
+    todo = []
+    for item in items:
+        st = lc.entry_status(
+            item,
+            fmt=options.fmt,
+            cache_dir=cache_dir,
+            vae=fingerprint,
+            flip_aug=options.flip_aug,
+            interpolation=options.interpolation,
+            precision=options.precision,
+        )
+        if st.status == "ok" and fingerprint is not None:
+            summary.kept += 1
+            output.record({"path": str(item.image_path), "status": "kept", "latents": str(st.cache_path)})
+        else:
+            if st.status == "stale":
+                debug(f"re-encoding {item.image_path}: {st.reason}")
+            todo.append(item)
+    return todo
+
+
+def _drop_npz_collisions(
+    items: list[lc.CacheItem], output: Output, summary: CacheSummary, skips: SkipReporter
+) -> list[lc.CacheItem]:
+    """kohya names drop the extension: of two images that would share an npz file, the second is skipped."""
+    owners: dict[Path, Path] = {}
+    kept = []
+    for item in items:
+        npz = lc.kohya_npz_path(item.image_path, item.placement.original_size)
+        owner = owners.setdefault(npz, item.image_path)
+        if owner != item.image_path:
+            reason = f"its kohya cache name {npz.name} is taken by {owner.name} (use --format sdtool)"
+            skips.skip(item.image_path, reason)
+            output.record({"path": str(item.image_path), "status": "skipped", "reason": reason})
+            summary.skipped += 1
+            continue
+        kept.append(item)
+    return kept
+
+
+def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Posterior mean and std (float32, CPU) of a one-bucket batch; with `flip` the mirrored crops follow."""
+    import torch
+
+    from sdtool.pixels import to_tensor
+
+    tensors = [to_tensor(e.pixels) for e in batch]
+    if flip:
+        tensors += [to_tensor(e.pixels, flip=True) for e in batch]
+    x = torch.stack(tensors).to(device=device, dtype=dtype)
+    dist = vae.encode(x).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+class _EntryWriter:
+    """Checks each encoded entry and writes it atomically in the chosen format; reports every outcome."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        fingerprint: str,
+        vae_source: str,
+        precision: str,
+        options: CacheOptions,
+        output: Output,
+        skips: SkipReporter,
+        summary: CacheSummary,
+    ):
+        self.cache_dir = cache_dir
+        self.fingerprint = fingerprint
+        self.vae_source = vae_source
+        self.precision = precision
+        self.options = options
+        self.output = output
+        self.skips = skips
+        self.summary = summary
+
+    def skip(self, item: lc.CacheItem, reason: str) -> None:
+        self.skips.skip(item.image_path, reason)
+        self.output.record({"path": str(item.image_path), "status": "skipped", "reason": reason})
+        self.summary.skipped += 1
+
+    def write(self, entry: _Loaded, mean: Any, std: Any, i: int, n: int) -> None:
+        import torch
+
+        item = entry.item
+        tensors = {"mean": mean[i], "std": std[i]}
+        if self.options.flip_aug:
+            tensors["flipped_mean"] = mean[n + i]
+            tensors["flipped_std"] = std[n + i]
+        bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            self.summary.nonfinite += 1
+            self.skip(item, f"the VAE produced NaN/inf latents ({', '.join(bad)}); not written")
+            return
+        assert entry.source is not None
+        record = lc.make_record(
+            item.image_path,
+            item.placement,
+            entry.source,
+            interpolation=self.options.interpolation,
+            vae=self.fingerprint,
+            vae_source=self.vae_source,
+            dtype=self.precision,
+            flip=self.options.flip_aug,
+        )
+        if self.options.fmt == "sdtool":
+            path = lc.write_native_entry(lc.native_entry_path(item.image_path, self.cache_dir), tensors, record)
+        else:
+            path = self._write_kohya(item, tensors, record)
+        self.summary.written += 1
+        self.skips.ok()
+        self.output.path(path)
+        self.output.record({"path": str(item.image_path), "status": "written", "latents": str(path)})
+
+    def _write_kohya(self, item: lc.CacheItem, tensors: dict[str, Any], record: dict[str, Any]) -> Path:
+        """kohya files hold one posterior sample, drawn with a per-image seed so reruns write the same file."""
+        import torch
+
+        gen = torch.Generator().manual_seed(_image_seed(item.image_path))
+
+        def draw(mean: Any, std: Any) -> Any:
+            return (mean + std * torch.randn(mean.shape, generator=gen, dtype=mean.dtype)).numpy()
+
+        latents = draw(tensors["mean"], tensors["std"])
+        flipped = draw(tensors["flipped_mean"], tensors["flipped_std"]) if "flipped_mean" in tensors else None
+        p = item.placement
+        return lc.write_kohya_npz(
+            lc.kohya_npz_path(item.image_path, p.original_size),
+            latents,
+            original_size=p.original_size,
+            crop_ltrb=p.crop_ltrb,
+            latents_flipped=flipped,
+            record=record,
+        )
