@@ -750,7 +750,8 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         "offload_ema": (cfg.use_ema, "needs use_ema = true"),
     }
     for key, (ok, why) in needs.items():
-        if key in cfg.model_fields_set and getattr(cfg, key) not in (None, False) and not ok:
+        # A default value (as --print-config writes it) is not a request.
+        if getattr(cfg, key) not in (None, False, TrainConfig.model_fields[key].default) and not ok:
             problems.append(f"{key}: {why}")
 
     if cfg.resume is not None:
@@ -766,7 +767,7 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     if cfg.sample_prompts is None:
         if scheduled:
             problems.append("sample_every_n_steps/sample_every_n_epochs/sample_at_first: need sample_prompts")
-        if "sample_sampler" in cfg.model_fields_set:
+        if cfg.sample_sampler != TrainConfig.model_fields["sample_sampler"].default:
             problems.append("sample_sampler: needs sample_prompts")
     else:
         prompts = _abs(cfg.sample_prompts, base)

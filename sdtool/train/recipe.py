@@ -514,7 +514,7 @@ class FineTuneRecipe:
             tensors += self.ema.shadow
         if not all(bool(torch.isfinite(p).all()) for p in tensors):
             raise NonFiniteError(
-                f"the weights became non-finite by step {self.state.global_step}; nothing was saved",
+                f"the weights became non-finite at step {self.state.global_step}; nothing of this step was saved",
                 hint="lower learning_rate",
             )
 

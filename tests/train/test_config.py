@@ -158,7 +158,17 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_v1, dataset):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("resume=state", "resume: kohya option not supported by sdtool (not implemented yet"),
+        ("resume=state", "resume: "),
+        ("wandb_api_key=abc", "wandb_api_key: kohya option not supported by sdtool (a key in a config file"),
+        ("save_last_n_steps=3", "save_last_n_steps: needs save_every_n_steps"),
+        ("save_state=true", "save_state: writes a state beside each periodic save, but none is configured"),
+        ("offload_ema=true", "offload_ema: needs use_ema = true"),
+        ("ema_decay=1.0", "ema_decay: "),
+        ("sample_every_n_steps=2", "need sample_prompts"),
+        ("sample_prompts=nowhere.txt", "sample_prompts: "),
+        ("log_with=tensorboard", "log_with: tensorboard needs logging_dir"),
+        ("log_with=wandb", "log_with: wandb needs the package 'wandb', which is not installed"),
+        ("log_prefix=x", "log_prefix: needs logging_dir or log_with"),
         ("full_bf16=true", "full_bf16: needs mixed_precision = 'bf16'"),
         ("optimizer_type=AdamW9bit", "did you mean 'AdamW8bit'"),
         ("optimizer_args=['lr']", "optimizer_args: 'lr' is not key=value"),
