@@ -175,7 +175,8 @@ _BLOCKING_KEYS = {"train_text_encoder", "optimizer_type", "full_fp16", "full_bf1
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], use_ema: bool, has_ema: bool) -> None:
     """Refuse a config the state cannot continue; warn, naming each key, where the run will differ."""
-    problems, changes = [], []
+    problems: list[str] = []
+    changes: list[str] = []
     for key in sorted(set(saved) | set(current)):
         if key in _FREE_KEYS or key.startswith(_FREE_PREFIXES):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +227,21 @@ def test_cli_print_config(cli, tmp_path, tiny_v1, dataset):
 def test_cli_launch_flags_are_not_silently_ignored(cli, tmp_path, tiny_v1, dataset):
     result = cli("train", kohya_config(tmp_path, tiny_v1, dataset), "--num-processes", "2")
     assert result.exit_code == 2 and "--num-processes" in result.stderr
+
+
+def test_readme_example_config_uses_only_known_keys():
+    """The commented example in README `### train` stays in step with the schema (set and commented-out keys)."""
+    import re
+
+    from sdtool.train.config import GENERAL_KEYS, SUBSET_KEYS, TOP_KEYS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### train", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```toml", 1)[1].split("```", 1)[0]
+    data = tomllib.loads(block)
+    keys = {k for table, v in data.items() if table not in ("general", "datasets") for k in v}
+    keys |= set(data["general"]) | {k for d in data["datasets"] for k in d if k != "subsets"}
+    keys |= {k for d in data["datasets"] for s in d["subsets"] for k in s}
+    keys |= set(re.findall(r"^\s*# ?(\w+) = ", block, flags=re.MULTILINE))
+    assert "save_every_n_steps" in keys and "use_ema" in keys
+    assert keys - (TOP_KEYS | GENERAL_KEYS | SUBSET_KEYS) == set()
