@@ -741,11 +741,6 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             cfg.save_every_n_steps is not None and cfg.save_state,
             "needs save_every_n_steps and save_state",
         ),
-        "save_state": (
-            every_epochs or cfg.save_every_n_steps is not None,
-            "writes a state beside each periodic save, but none is configured (use save_state_on_train_end for "
-            "the end of training only)",
-        ),
         "ema_decay": (cfg.use_ema, "needs use_ema = true"),
         "offload_ema": (cfg.use_ema, "needs use_ema = true"),
     }

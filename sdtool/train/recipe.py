@@ -388,11 +388,14 @@ class FineTuneRecipe:
         import torch
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = None
         if self.t.max_grad_norm > 0:
-            return self.accelerator.clip_grad_norm_(params, self.t.max_grad_norm)
+            norm = self.accelerator.clip_grad_norm_(params, self.t.max_grad_norm)
         if self.accelerator.scaler is not None:
             return None  # fp16 loss scaling: inf gradients are expected now and then, and the scaler skips them
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return norm
 
     def _end_epoch(self, epoch: int) -> None:
         """After epoch `epoch` (1-based): its mean loss to the trackers, on an epoch axis of its own."""

@@ -138,3 +138,13 @@ def test_ema_matches_the_formula_and_swaps_exactly(tmp_path):
     assert other.updates == 4 and all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow, strict=True))
     with pytest.raises(ValueError, match="averaged tensors"):
         WeightEMA(params[:1], decay=0.5).load(tmp_path / "ema.safetensors")
+
+
+def test_resumed_metrics_keep_the_lines_up_to_the_saved_step(tmp_path):
+    from sdtool.train.recipe import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 0.1 * s}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # the last line cut short by kill -9
+    _truncate_metrics(path, 3)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"

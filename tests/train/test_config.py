@@ -162,7 +162,6 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_v1, dataset):
         ("resume=state", "resume: "),
         ("wandb_api_key=abc", "wandb_api_key: kohya option not supported by sdtool (a key in a config file"),
         ("save_last_n_steps=3", "save_last_n_steps: needs save_every_n_steps"),
-        ("save_state=true", "save_state: writes a state beside each periodic save, but none is configured"),
         ("offload_ema=true", "offload_ema: needs use_ema = true"),
         ("ema_decay=1.0", "ema_decay: "),
         ("sample_every_n_steps=2", "need sample_prompts"),
