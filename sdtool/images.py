@@ -84,7 +84,11 @@ def _pil_open(path: Path) -> Image.Image:
 
 
 def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
-    """Image files below `folder`, skipping hidden names; symlinked folders are not followed (like Path.rglob)."""
+    """Image files below `folder`, skipping hidden names; symlinked folders are not followed (like Path.rglob).
+
+    A dangling symlink with an image extension is listed too, so that the command names it as skipped instead of
+    silently training on fewer images than the folder shows.
+    """
     with os.scandir(folder) as entries:
         subdirs = []
         for entry in entries:
@@ -96,6 +100,12 @@ def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
                         yield entry.path
                 elif recursive and entry.is_dir(follow_symlinks=False):
                     subdirs.append(entry.path)
+                elif (
+                    entry.is_symlink()
+                    and os.path.splitext(entry.name)[1].lower() in exts
+                    and not os.path.exists(entry.path)
+                ):
+                    yield entry.path
             except OSError:
                 continue
     for sub in subdirs:
@@ -105,6 +115,9 @@ def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
 def _open_checked(path: Path) -> Image.Image:
     """Open lazily (header only) and refuse bombs before any pixel is decoded."""
     limit = max_pixels()
+    # Pillow refuses images over twice its own limit by itself, whatever SDTOOL_MAX_PIXELS says: switch its check
+    # off so that ours (below, on the header's size, still before any decoding) is the one that decides.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         if path.stat().st_size == 0:
             raise ImageError(path, "empty file")
@@ -115,10 +128,14 @@ def _open_checked(path: Path) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"decompression bomb refused ({exc})") from exc
+        raise ImageError(
+            path, f"decompression bomb refused ({exc})", hint="raise SDTOOL_MAX_PIXELS if the image is genuine"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(path, "not an image Pillow can identify") from exc
     except FileNotFoundError as exc:
+        if path.is_symlink():
+            raise ImageError(path, f"dangling symlink: its target {os.readlink(path)} does not exist") from exc
         raise ImageError(path, "file not found") from exc
     except OSError as exc:
         raise ImageError(path, f"cannot read header: {exc}") from exc

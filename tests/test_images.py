@@ -124,3 +124,13 @@ def test_tiny_and_extreme_sizes(tmp_path):
     tall = imagegen.save_rgb(tmp_path / "tall.png", 8, 4000)
     assert images.open_image(one).size == (1, 1)
     assert images.read_size(tall) == (8, 4000)
+
+
+def test_raising_the_limit_admits_larger_images(tmp_path, monkeypatch):
+    # 20000 x 20000 = 400 M pixels: over twice Pillow's own default, so Pillow alone would refuse it.
+    path = imagegen.save_png_header_claiming(tmp_path / "big.png", 20000, 20000)
+    with pytest.raises(ImageError, match="over the limit") as info:
+        images.read_size(path)
+    assert "SDTOOL_MAX_PIXELS" in info.value.one_line()
+    monkeypatch.setenv("SDTOOL_MAX_PIXELS", str(500_000_000))
+    assert images.read_size(path) == (20000, 20000)

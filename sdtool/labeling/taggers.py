@@ -425,6 +425,18 @@ class MetadataSink:
         self.last_flush = time.monotonic()
 
 
+def _read_tags_file(path: Path) -> str | None:
+    """The text of an existing tags sidecar, None when there is none; ValueError naming the file when unreadable."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"its tags file {path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise ValueError(f"its tags file {path.name} cannot be read ({exc.strerror or exc})") from exc
+
+
 @dataclass
 class TagRun:
     """What a tag run did, and how often each tag was written."""
@@ -458,13 +470,24 @@ def tag_images(
     run = TagRun()
     pairs = sidecar_targets(list_images(dirs, recursive), extension, skips)
 
-    def existing_text(image: Path, target: Path) -> str | None:
-        if sink is not None:
-            return sink.tags_of(image)
-        return target.read_text(encoding="utf-8") if target.is_file() else None
+    def has_tags(image: Path, target: Path) -> bool:
+        # Only whether a sidecar exists: its text is read for --append alone, so that an odd file (not UTF-8)
+        # beside one image cannot stop the whole run.
+        return sink.tags_of(image) is not None if sink is not None else target.is_file()
 
-    todo = [(image, target) for image, target in pairs if overwrite or append or existing_text(image, target) is None]
+    todo = [(image, target) for image, target in pairs if overwrite or append or not has_tags(image, target)]
     run.kept = len(pairs) - len(todo)
+    previous: dict[Path, str | None] = {}
+    if append:
+        readable = []
+        for image, target in todo:
+            try:
+                previous[image] = sink.tags_of(image) if sink is not None else _read_tags_file(target)
+            except ValueError as exc:
+                skips.skip(image, f"{exc}; fix it, or pass --overwrite to replace it")
+                continue
+            readable.append((image, target))
+        todo = readable
     if run.kept:
         where = output_path if sink is not None else f"{extension} files"
         info(f"kept the tags of {run.kept} images already in {where} (--overwrite replaces, --append adds)")
@@ -498,8 +521,8 @@ def tag_images(
                     for row, index, size in zip(probs, batch.indices, batch.sizes, strict=True):
                         image, target = todo[index]
                         new = select_tags(row, tagger.tags, options)
-                        previous = existing_text(image, target) if append else None
-                        final = append_tags(previous, new, options.separator) if previous else new
+                        old = previous.get(image)
+                        final = append_tags(old, new, options.separator) if old else new
                         text = options.separator.join(final)
                         if sink is not None:
                             sink.put(image, text, size)
