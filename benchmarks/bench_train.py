@@ -67,7 +67,7 @@ def plain_loop(model_dir: Path, meta_path: Path, steps: int, batch: int) -> list
     return times
 
 
-def sdtool_run(root: Path, model_dir: Path, meta_path: Path, steps: int, batch: int) -> list[float]:
+def sdtool_run(root: Path, model_dir: Path, meta_path: Path, steps: int, batch: int, extra: str = "") -> list[float]:
     from accelerate.state import AcceleratorState
 
     from sdtool.train.config import load_config
@@ -89,6 +89,7 @@ learning_rate = 1e-4
 seed = 0
 max_data_loader_n_workers = 1
 persistent_data_loader_workers = true
+{extra}
 [[datasets]]
 resolution = 64
 batch_size = {batch}
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
+    parser.add_argument("--ema", action="store_true", help="sdtool keeps an EMA of the U-Net (use_ema = true)")
     args = parser.parse_args()
 
     import torch
@@ -133,11 +135,13 @@ def main() -> None:
         meta_path.write_text(json.dumps({str(meta_path.parent / "images" / k): v for k, v in square.items()}))
         warm = 3
         plain_a = plain_loop(model_dir, meta_path, args.steps + warm, args.batch)[warm:]
-        ours = sdtool_run(root, model_dir, meta_path, args.steps + warm, args.batch)[warm:]
+        extra = "use_ema = true" if args.ema else ""
+        ours = sdtool_run(root, model_dir, meta_path, args.steps + warm, args.batch, extra)[warm:]
         plain_b = plain_loop(model_dir, meta_path, args.steps + warm, args.batch)[warm:]
     plain = statistics.median(plain_a + plain_b)
     mine = statistics.median(ours)
-    print(f"steps {args.steps}, batch {args.batch}, 64x64, 225 tokens, clip_skip 2, AdamW, uncached latents")
+    ema = ", sdtool with EMA" if args.ema else ""
+    print(f"steps {args.steps}, batch {args.batch}, 64x64, 225 tokens, clip_skip 2, AdamW, uncached latents{ema}")
     print(f"plain diffusers loop: median {plain * 1000:.1f} ms/step")
     print(f"sdtool train:         median {mine * 1000:.1f} ms/step")
     print(f"ratio sdtool/plain: {mine / plain:.3f}")

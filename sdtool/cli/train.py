@@ -15,7 +15,11 @@ def command(
     config: Annotated[Path, typer.Argument(help="Training config (TOML, kohya key names).", show_default=False)],
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a config key: key=value (repeatable).", show_default=False),
+        typer.Option(
+            "--set",
+            help="Override a config key: key=value (repeatable), e.g. resume=out/m-state.",
+            show_default=False,
+        ),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Validate, load the dataset, print the plan; do not train.")

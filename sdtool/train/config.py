@@ -34,29 +34,6 @@ _NO_EFFECT = "has no effect on SD1/2 fine-tuning in kohya either"
 UNSUPPORTED_KEYS: dict[str, str] = {
     **dict.fromkeys(
         (
-            "save_every_n_epochs",
-            "save_every_n_steps",
-            "save_n_epoch_ratio",
-            "save_last_n_epochs",
-            "save_last_n_epochs_state",
-            "save_last_n_steps",
-            "save_last_n_steps_state",
-            "save_state",
-            "save_state_on_train_end",
-            "resume",
-            "sample_every_n_steps",
-            "sample_every_n_epochs",
-            "sample_at_first",
-            "sample_prompts",
-            "sample_sampler",
-            "logging_dir",
-            "log_prefix",
-            "log_with",
-            "log_tracker_name",
-            "log_tracker_config",
-            "log_config",
-            "wandb_run_name",
-            "wandb_api_key",
             "weighted_captions",
             "token_warmup_min",
             "token_warmup_step",
@@ -122,6 +99,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "conditioning_data_dir": "ControlNet-only in kohya",
     "prior_loss_weight": "DreamBooth-only in kohya",
     "caption_extention": "kohya's misspelt alias; write caption_extension",
+    "wandb_api_key": "a key in a config file ends up in logs and shell history; set WANDB_API_KEY or run wandb login",
 }
 
 OPTIMIZERS = {
@@ -299,6 +277,35 @@ class TrainConfig(CaptionOptions, BucketOptions):
     lr_warmup_steps: int | float = Field(0, ge=0)
     lr_scheduler_num_cycles: int = Field(1, ge=1)
     lr_scheduler_power: float = 1.0
+    # periodic saves, state folders and resume (CONTRACT §I)
+    save_every_n_epochs: int | None = Field(None, ge=1)
+    save_every_n_steps: int | None = Field(None, ge=1)
+    save_n_epoch_ratio: int | None = Field(None, ge=1)
+    save_last_n_epochs: int | None = Field(None, ge=1)
+    save_last_n_epochs_state: int | None = Field(None, ge=1)
+    save_last_n_steps: int | None = Field(None, ge=1)
+    save_last_n_steps_state: int | None = Field(None, ge=1)
+    save_state: bool = False
+    save_state_on_train_end: bool = False
+    resume: str | None = None
+    # EMA of the trained weights (not a kohya fine_tune.py option; offload_ema is diffusers' example-script name)
+    use_ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    offload_ema: bool = False
+    # sample images
+    sample_prompts: str | None = None
+    sample_every_n_steps: int | None = Field(None, ge=1)
+    sample_every_n_epochs: int | None = Field(None, ge=1)
+    sample_at_first: bool = False
+    sample_sampler: str = "ddim"
+    # logging
+    logging_dir: str | None = None
+    log_with: Literal["tensorboard", "wandb", "all"] | None = None
+    log_prefix: str | None = None
+    log_tracker_name: str | None = None
+    log_tracker_config: str | None = None
+    log_config: bool = False
+    wandb_run_name: str | None = None
 
 
 TOP_KEYS = set(TrainConfig.model_fields)
@@ -655,13 +662,15 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     if "/" in cfg.output_name or cfg.output_name in ("", ".", ".."):
         problems.append(f"output_name: {cfg.output_name!r} must be a plain file name")
     elif not cfg.overwrite:
-        # A finished model is never replaced by accident; metrics.jsonl belongs to its run, so it is kept too.
-        for key, existing in (
-            ("output_name", final_output_path(cfg)),
-            ("output_dir", Path(cfg.output_dir) / "metrics.jsonl"),
-        ):
+        # A finished model is never replaced by accident; metrics.jsonl belongs to its run, so it is kept too
+        # (a resumed run continues its own metrics.jsonl).
+        checks = [("output_name", final_output_path(cfg))]
+        if cfg.resume is None:
+            checks.append(("output_dir", Path(cfg.output_dir) / "metrics.jsonl"))
+        for key, existing in checks:
             if existing.exists():
                 problems.append(f"{key}: {existing} already exists; set overwrite = true to replace it")
+    _check_long_run(cfg, base, problems)
 
     if cfg.use_8bit_adam or cfg.use_lion_optimizer:
         legacy = "AdamW8bit" if cfg.use_8bit_adam else "Lion"
@@ -715,6 +724,96 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append("huber_schedule: only used with loss_type huber or smooth_l1")
     if not cfg.cache_latents and cfg.cache_latents_to_disk:
         problems.append("cache_latents_to_disk: contradicts cache_latents = false")
+
+
+def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
+    """Saves, resume, EMA, samples and logging: keys that only work together are checked together."""
+    import importlib.util
+
+    every_epochs = cfg.save_every_n_epochs is not None or cfg.save_n_epoch_ratio is not None
+    if cfg.save_every_n_epochs is not None and cfg.save_n_epoch_ratio is not None:
+        problems.append("save_n_epoch_ratio: sets save_every_n_epochs from the epoch count; set only one of the two")
+    needs = {
+        "save_last_n_epochs": (every_epochs, "needs save_every_n_epochs (or save_n_epoch_ratio)"),
+        "save_last_n_steps": (cfg.save_every_n_steps is not None, "needs save_every_n_steps"),
+        "save_last_n_epochs_state": (every_epochs and cfg.save_state, "needs save_every_n_epochs and save_state"),
+        "save_last_n_steps_state": (
+            cfg.save_every_n_steps is not None and cfg.save_state,
+            "needs save_every_n_steps and save_state",
+        ),
+        "ema_decay": (cfg.use_ema, "needs use_ema = true"),
+        "offload_ema": (cfg.use_ema, "needs use_ema = true"),
+    }
+    for key, (ok, why) in needs.items():
+        # A default value (as --print-config writes it) is not a request.
+        if getattr(cfg, key) not in (None, False, TrainConfig.model_fields[key].default) and not ok:
+            problems.append(f"{key}: {why}")
+
+    if cfg.resume is not None:
+        from sdtool.train.checkpoints import STATE_FILE
+
+        state = _abs(cfg.resume, base)
+        cfg.resume = str(state)
+        if not (state / STATE_FILE).is_file():
+            what = "is not an sdtool state folder" if state.is_dir() else "does not exist"
+            problems.append(f"resume: {state} {what} (expected {STATE_FILE} in a <name>-state folder)")
+
+    scheduled = cfg.sample_every_n_steps is not None or cfg.sample_every_n_epochs is not None or cfg.sample_at_first
+    if cfg.sample_prompts is None:
+        if scheduled:
+            problems.append("sample_every_n_steps/sample_every_n_epochs/sample_at_first: need sample_prompts")
+        if cfg.sample_sampler != TrainConfig.model_fields["sample_sampler"].default:
+            problems.append("sample_sampler: needs sample_prompts")
+    else:
+        prompts = _abs(cfg.sample_prompts, base)
+        cfg.sample_prompts = str(prompts)
+        if not scheduled:
+            problems.append(
+                "sample_prompts: set, but no sample_every_n_steps, sample_every_n_epochs or sample_at_first says when"
+            )
+        _check_samples(cfg, prompts, problems)
+
+    if cfg.logging_dir is not None:
+        cfg.logging_dir = str(_abs(cfg.logging_dir, base))
+        if cfg.log_with is None:
+            cfg.log_with = "tensorboard"  # kohya's default when a logging folder is given
+    elif cfg.log_with in ("tensorboard", "all"):
+        problems.append(f"log_with: {cfg.log_with} needs logging_dir")
+    if cfg.log_with is None:
+        for key in ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_run_name"):
+            if getattr(cfg, key) not in (None, False):
+                problems.append(f"{key}: needs logging_dir or log_with")
+    for tracker, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if cfg.log_with in (tracker, "all") and importlib.util.find_spec(package) is None:
+            problems.append(f"log_with: {tracker} needs the package {package!r}, which is not installed")
+    if cfg.wandb_run_name is not None and cfg.log_with not in ("wandb", "all", None):
+        problems.append("wandb_run_name: needs log_with = 'wandb' or 'all'")
+    if cfg.log_tracker_config is not None:
+        tracker_config = _abs(cfg.log_tracker_config, base)
+        cfg.log_tracker_config = str(tracker_config)
+        try:
+            _read_toml(tracker_config, "log_tracker_config")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+
+
+def _check_samples(cfg: TrainConfig, prompts: Path, problems: list[str]) -> None:
+    """The prompt file parses and the sampler exists, before any model loads."""
+    from sdtool.errors import SdtoolError
+    from sdtool.sampling import check_sampler, read_sample_prompts
+
+    try:
+        cfg.sample_sampler = check_sampler(cfg.sample_sampler)
+    except SdtoolError as exc:
+        problems.append(f"sample_sampler: {exc.one_line()}")
+    if not prompts.is_file():
+        problems.append(f"sample_prompts: {prompts} does not exist")
+        return
+    try:
+        if not read_sample_prompts(prompts):
+            problems.append(f"sample_prompts: {prompts} has no prompts")
+    except SdtoolError as exc:
+        problems.append(f"sample_prompts: {exc.one_line()}")
 
 
 def _check_optimizer(cfg: TrainConfig, problems: list[str]) -> None:

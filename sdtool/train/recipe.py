@@ -1,8 +1,9 @@
 """The fine-tuning recipe: setup → train → cleanup, with a loop that reads top to bottom.
 
-What the long-runs work builds on: `TrainState` (global step, epoch, batch within the epoch, seed) is everything a
-resume needs besides the model/optimizer/scheduler states, because every random draw comes from a generator
-seeded by position (see dataset.py for samples; `step_generator` here for noise and timesteps).
+`TrainState` (global step, epoch, batch within the epoch, seed) is everything a resume needs besides the
+model/optimizer/scheduler states, because every random draw comes from a generator seeded by position (see
+dataset.py for samples; `step_generator` here for noise and timesteps). Periodic saves, state folders and resume
+live in checkpoints.py; this file decides when they happen.
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from sdtool.console import info, make_progress, print_table, warn
-from sdtool.errors import ConfigError, NonFiniteError
+from sdtool.errors import EXIT_INTERRUPTED, ConfigError, NonFiniteError, SdtoolError
+from sdtool.train import checkpoints
 from sdtool.train.config import ResolvedConfig
 from sdtool.train.dataset import BucketBatchSampler, SubsetRuntime, TrainItem, load_items, sample_seed
 
@@ -57,7 +62,12 @@ class Plan:
 def make_plan(cfg: ResolvedConfig) -> Plan:
     """Load the dataset and work out batches, steps per epoch and the total (kohya's formula)."""
     t = cfg.train
-    seed = t.seed if t.seed is not None else random.SystemRandom().randrange(2**31)
+    if t.seed is not None:
+        seed = t.seed
+    elif t.resume is not None:
+        seed = int(checkpoints.read_state(Path(t.resume))["train_state"]["seed"])  # the resumed run's own seed
+    else:
+        seed = random.SystemRandom().randrange(2**31)
     items, subsets = load_items(cfg.datasets)
     sampler = BucketBatchSampler(items, subsets, [d.batch_size for d in cfg.datasets], seed)
     batches = len(sampler)
@@ -154,6 +164,7 @@ class FineTuneRecipe:
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             step_scheduler_with_optimizer=False,
+            **tracker_options(t),
         )
         self.cached = t.cache_latents
         if self.cached:
@@ -210,6 +221,7 @@ class FineTuneRecipe:
             collate_fn=Collate(model.tokenizer, t.max_token_length),
             persistent_workers=t.persistent_data_loader_workers and workers > 0,
             pin_memory=device.type == "cuda",
+            worker_init_fn=_ignore_sigint,
         )
         if t.train_text_encoder:
             self.unet, self.text_encoder, self.optimizer, self.loader = acc.prepare(unet, te, optimizer, loader)
@@ -228,10 +240,27 @@ class FineTuneRecipe:
             warn("zero_terminal_snr without v-prediction: the last timestep's epsilon target is degenerate")
         self.scaling_factor = self._scaling_factor()
 
+        self.ema = None
+        if t.use_ema:
+            from sdtool.train.ema import WeightEMA
+
+            params = [p for module in self.trained for p in module.parameters() if p.requires_grad]
+            self.ema = WeightEMA(params, t.ema_decay, device="cpu" if t.offload_ema else None)
+        self.epoch_loss = [0.0, 0]  # sum and count of the current epoch's step losses
+        self.pending: dict[str, Any] | None = None  # the last step's metrics, written one step late (no GPU sync)
+        self.sample_prompts = self._read_sample_prompts()
+        if t.resume is not None:
+            self._resume(Path(t.resume))
+
         out_dir = Path(t.output_dir)
         if acc.is_main_process:  # only rank 0 writes
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics = open(out_dir / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed in cleanup)
+            metrics = out_dir / "metrics.jsonl"
+            if t.resume is not None:
+                _truncate_metrics(metrics, self.state.global_step)
+            self.metrics = open(metrics, "a" if t.resume else "w", encoding="utf-8")  # noqa: SIM115 (closed in cleanup)
+        if t.log_with is not None:
+            self._init_trackers()
 
     def _load_model(self) -> Any:
         from sdtool.models.loading import load_model, load_vae
@@ -300,10 +329,13 @@ class FineTuneRecipe:
         return self.objective.loss(pred, target, timesteps), timesteps
 
     def train(self) -> None:
-        """Run optimizer steps until the planned total; writes one metrics line per step."""
+        """Run optimizer steps until the planned total: metrics, periodic saves, samples and a graceful stop."""
         acc, state, total = self.accelerator, self.state, self.plan.total_steps
-        pending: dict[str, Any] | None = None  # the previous step's metrics, written one step late (no GPU sync)
-        with _TrainProgress(total, state.global_step) as progress:
+        if state.global_step == 0:
+            self._maybe_sample(0, epoch_end=False)
+        if state.global_step >= total:
+            warn(f"the state is already at step {state.global_step} of {total}; nothing left to train")
+        with _TrainProgress(total, state.global_step) as self.progress, _StopRequest() as stop:
             while state.global_step < total:
                 self.plan.sampler.set_position(state.epoch, state.batch_in_epoch)
                 micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
@@ -312,64 +344,152 @@ class FineTuneRecipe:
                     with acc.accumulate(*self.trained):
                         loss, timesteps = self.compute_loss(batch, gen)
                         acc.backward(loss)
-                        if acc.sync_gradients and self.t.max_grad_norm > 0:
-                            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                            acc.clip_grad_norm_(params, self.t.max_grad_norm)
+                        grad_norm = self._clip_and_measure() if acc.sync_gradients else None
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     state.batch_in_epoch += 1
                     micro += 1
                     loss_sum = loss_sum + loss.detach()
                     t_sum = t_sum + timesteps.float().mean()
+                    # accelerate syncs on the last batch of the loader, so an epoch always ends on a step.
+                    epoch_end = acc.gradient_state.end_of_dataloader
                     if not acc.sync_gradients:
                         continue
                     lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
                     self.lr_scheduler.step()  # once per optimizer step, whatever the process count
                     state.global_step += 1
-                    if pending is not None:
-                        self._log(pending, progress)
-                    pending = {
+                    if self.ema is not None:
+                        self.ema.update()
+                    self._flush()
+                    self.pending = {
                         "step": state.global_step,
                         "epoch": state.epoch + 1,
                         "loss": loss_sum / micro,
                         "lr": dict(zip(self.group_names, lrs, strict=True)),
                         "timestep_mean": t_sum / micro,
                         "seconds": time.perf_counter() - step_start,
+                        "grad_norm": grad_norm,
                     }
                     micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
+                    if epoch_end:
+                        # Moved on before anything is saved, so a state never points at the end of an epoch.
+                        state.epoch += 1
+                        state.batch_in_epoch = 0
+                        self._end_epoch(state.epoch)
+                    self._after_step(epoch_end)
+                    if self._stop_requested(stop):
+                        self._stop(stop.signal_name)
                     if state.global_step >= total:
                         break
-                else:
-                    state.epoch += 1
-                    state.batch_in_epoch = 0
-            if pending is not None:
-                self._log(pending, progress)
+            self._flush()
 
-    def _log(self, record: dict[str, Any], progress: _TrainProgress) -> None:
+    def _clip_and_measure(self) -> Any:
+        """Clip the gradients (max_grad_norm) and return their total norm, for the non-finite guard."""
+        import torch
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        norm = None
+        if self.t.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(params, self.t.max_grad_norm)
+        if self.accelerator.scaler is not None:
+            return None  # fp16 loss scaling: inf gradients are expected now and then, and the scaler skips them
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return norm
+
+    def _end_epoch(self, epoch: int) -> None:
+        """After epoch `epoch` (1-based): its mean loss to the trackers, on an epoch axis of its own."""
+        self._flush()
+        total, count = self.epoch_loss
+        if count and self.accelerator.is_main_process:
+            log_epoch_loss(self.accelerator, epoch, total / count)
+        self.epoch_loss = [0.0, 0]
+
+    def _after_step(self, epoch_end: bool) -> None:
+        """Periodic saves and samples, kohya's rules: never at the last step or epoch (the final save covers it)."""
+        t, state, total = self.t, self.state, self.plan.total_steps
+        step, epoch = state.global_step, state.epoch
+        if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total:
+            self._save_periodic("step", step, t.save_every_n_steps)
+        every_epochs = self.save_every_n_epochs
+        if epoch_end and every_epochs and epoch % every_epochs == 0 and epoch < self.plan.epochs:
+            self._save_periodic("epoch", epoch, every_epochs)
+        self._maybe_sample(step, epoch_end=False)
+        if epoch_end:
+            self._maybe_sample(step, epoch_end=True)
+
+    @property
+    def save_every_n_epochs(self) -> int | None:
+        """save_every_n_epochs, or kohya's `floor(epochs / save_n_epoch_ratio) or 1`."""
+        if self.t.save_n_epoch_ratio is not None:
+            return math.floor(self.plan.epochs / self.t.save_n_epoch_ratio) or 1
+        return self.t.save_every_n_epochs
+
+    def _save_periodic(self, kind: str, number: int, every: int) -> None:
+        stem = checkpoints.save_stem(self.t.output_name, **{kind: number})  # type: ignore[arg-type]
+        self.save_model(checkpoints.model_path(self.t, stem))
+        if self.t.save_state:
+            self.save_state(checkpoints.state_path(self.t, stem))
+        if self.accelerator.is_main_process:
+            checkpoints.prune_after_save(self.t, kind, number, every)
+
+    def _stop_requested(self, stop: _StopRequest) -> bool:
+        if self.accelerator.num_processes == 1:
+            return stop.signal_name is not None
+        import torch
+
+        # Every rank must stop at the same step, or the state save below would wait forever.
+        flag = torch.tensor([int(stop.signal_name is not None)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item())
+
+    def _stop(self, signal_name: str | None) -> None:
+        """Save a state after the step that just finished, then stop with exit code 130."""
+        stem = checkpoints.save_stem(self.t.output_name, step=self.state.global_step)
+        path = self.save_state(checkpoints.state_path(self.t, stem))
+        command = f"sdtool train {shlex.quote(str(self.cfg.path))} --set {shlex.quote(f'resume={path}')}"
+        raise Interrupted(
+            f"stopped by {signal_name or 'a signal'} after step {self.state.global_step}; state saved to {path}",
+            hint=f"resume with: {command} (plus any --set options this run had)",
+        )
+
+    def _flush(self) -> None:
+        """Write the pending metrics line (a GPU sync point), checking the loss and gradients first."""
+        if self.pending is not None:
+            record, self.pending = self.pending, None
+            self._log(record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        grad_norm = record.pop("grad_norm", None)
         record = {**record, "loss": float(record["loss"]), "timestep_mean": float(record["timestep_mean"])}
+        hint = "lower learning_rate, or use mixed_precision = 'bf16' instead of fp16; nothing of this step was saved"
         if not math.isfinite(record["loss"]):
-            raise NonFiniteError(
-                f"the loss became {record['loss']} at step {record['step']}",
-                hint="lower learning_rate, or use mixed_precision = 'bf16' instead of fp16",
-            )
+            raise NonFiniteError(f"the loss became {record['loss']} at step {record['step']}", hint=hint)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(f"the gradients became {float(grad_norm)} at step {record['step']}", hint=hint)
+        self.epoch_loss[0] += record["loss"]
+        self.epoch_loss[1] += 1
         if self.accelerator.is_main_process:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
-        progress.update(record)
+            scalars = {"loss": record["loss"], **{f"lr/{k}": v for k, v in record["lr"].items()}}
+            self.accelerator.log(scalars, step=record["step"])
+        self.progress.update(record)
 
-    # ----------------------------------------------------------------------------------------------- cleanup
-    def cleanup(self) -> Path | None:
-        """Save the final model (rank 0 only) and close what setup opened."""
+    # ------------------------------------------------------------------------------------------ saves and state
+    def save_model(self, path: Path) -> Path | None:
+        """Write the model (the EMA weights when use_ema) at `path`; rank 0 only. Never writes non-finite weights."""
         from sdtool.train.saving import save_trained_model
 
+        self._flush()  # checks the last step's loss and gradients before anything is written
         acc = self.accelerator
         acc.wait_for_everyone()
-        out: Path | None = None
-        if acc.is_main_process:
-            self.metrics.close()
-            model = self.model
+        if not acc.is_main_process:
+            return None
+        self._check_weights_finite()
+        model = self.model
+        with self._weights_for_output():
             out = save_trained_model(
-                self.cfg.output_path,
+                path,
                 self.t.save_model_as,
                 unet=acc.unwrap_model(self.unet),
                 text_encoder=acc.unwrap_model(self.text_encoder),
@@ -381,9 +501,174 @@ class FineTuneRecipe:
                 precision=self.t.save_precision,
                 metadata=self.output_metadata(),
             )
-            info(f"saved {out}")
-        acc.end_training()
+        info(f"saved {out}")
         return out
+
+    def _weights_for_output(self) -> Any:
+        import contextlib
+
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+
+    def _check_weights_finite(self) -> None:
+        import torch
+
+        tensors = [p for module in self.trained for p in module.parameters()]
+        if self.ema is not None:
+            tensors += self.ema.shadow
+        if not all(bool(torch.isfinite(p).all()) for p in tensors):
+            raise NonFiniteError(
+                f"the weights became non-finite at step {self.state.global_step}; nothing of this step was saved",
+                hint="lower learning_rate",
+            )
+
+    def save_state(self, path: Path) -> Path:
+        """A state folder for an exact resume (see checkpoints.py)."""
+        import torch
+
+        self._flush()
+        if self.accelerator.is_main_process:
+            self._check_weights_finite()
+        record = {
+            "sdtool_version": _version(),
+            "train_state": self.state.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch_loss": list(self.epoch_loss),
+            "total_steps": self.plan.total_steps,
+            "num_processes": self.accelerator.num_processes,
+            "ema": self.ema is not None,
+            "torch": torch.__version__,
+            "config": self._config_record(),
+        }
+        try:
+            out = checkpoints.write_state(self.accelerator, path, record, self.ema)
+        except (TypeError, ValueError) as exc:
+            raise SdtoolError(f"cannot write the training state to {path}: {exc}") from exc
+        info(f"saved state {out}")
+        return out
+
+    def _config_record(self) -> dict[str, Any]:
+        record = checkpoints.config_record(self.cfg)
+        record["seed"] = self.plan.seed  # the effective seed, also when the config leaves it unset
+        return record
+
+    def _resume(self, path: Path) -> None:
+        """Load a state folder: weights, optimizer, scaler, RNGs, accumulation counter, schedule, EMA, position."""
+        saved = checkpoints.read_state(path)
+        checkpoints.check_resume_config(
+            saved["config"], self._config_record(), self.ema is not None, bool(saved.get("ema"))
+        )
+        if saved.get("num_processes", 1) != self.accelerator.num_processes:
+            warn(
+                f"the state was saved by {saved.get('num_processes')} processes, this run has "
+                f"{self.accelerator.num_processes}: the data order from here on differs"
+            )
+        try:
+            self.accelerator.load_state(str(path))
+            if self.ema is not None:
+                self.ema.load(path / checkpoints.EMA_FILE)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise SdtoolError(f"resume: cannot load {path} ({exc})") from exc
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        self.state.load_state_dict(saved["train_state"])
+        self.epoch_loss = [float(saved["epoch_loss"][0]), int(saved["epoch_loss"][1])]
+        info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1})")
+
+    # -------------------------------------------------------------------------------------- samples and logging
+    def _read_sample_prompts(self) -> list[Any]:
+        if self.t.sample_prompts is None:
+            return []
+        from sdtool.sampling import read_sample_prompts
+
+        return read_sample_prompts(self.t.sample_prompts)
+
+    def _maybe_sample(self, step: int, *, epoch_end: bool) -> None:
+        """Render the sample prompts when kohya's schedule says so (rank 0 only; the trajectory is untouched)."""
+        if not self.sample_prompts:
+            return
+        from sdtool.sampling import generate_samples, should_sample
+
+        t, epoch = self.t, self.state.epoch
+        if not should_sample(
+            step,
+            epoch,
+            every_n_steps=t.sample_every_n_steps,
+            every_n_epochs=t.sample_every_n_epochs,
+            at_first=t.sample_at_first,
+            epoch_end=epoch_end,
+        ):
+            return
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        from sdtool.text import encode_prompts
+
+        self._flush()
+        model = self.model
+        vae = model.vae if model.vae is not None else self._sampling_vae()
+        with self._weights_for_output():
+            paths = generate_samples(
+                acc.unwrap_model(self.unet),
+                vae,
+                acc.unwrap_model(self.text_encoder),
+                model.tokenizer,
+                model.scheduler_config,
+                self.sample_prompts,
+                encode_prompts=encode_prompts,
+                out_dir=Path(t.output_dir) / "sample",
+                step=step,
+                epoch=epoch,
+                device=acc.device,
+                dtype=self.weight_dtype,
+                default_sampler=t.sample_sampler,
+                default_size=self.cfg.datasets[0].resolution if self.cfg.datasets else (512, 512),
+                max_token_length=t.max_token_length,
+                clip_skip=t.clip_skip,
+                name_prefix=t.output_name,
+                epoch_end=epoch_end,
+            )
+        if paths:
+            info(f"samples at step {step}: {paths[-1]}")
+            log_sample_grid(acc, paths[-1], step)
+
+    def _sampling_vae(self) -> Any:
+        """With cached latents the VAE is not loaded for training; sampling loads it once, on the CPU."""
+        if getattr(self, "_vae_for_samples", None) is None:
+            self._vae_for_samples = self._load_vae_for_saving()
+            self._vae_for_samples.requires_grad_(False)
+        return self._vae_for_samples
+
+    def _init_trackers(self) -> None:
+        t = self.t
+        init_kwargs: dict[str, Any] = {}
+        if t.log_tracker_config is not None:
+            from sdtool.train.config import _read_toml
+
+            init_kwargs = _read_toml(Path(t.log_tracker_config), "log_tracker_config")
+        if t.wandb_run_name is not None:
+            init_kwargs.setdefault("wandb", {})["name"] = t.wandb_run_name
+        config = tracker_config(self.cfg) if t.log_config else None
+        self.accelerator.init_trackers(t.log_tracker_name or "finetuning", config=config, init_kwargs=init_kwargs)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                # The epoch loss gets its own x axis (kohya logs it on the step axis, where wandb drops it).
+                tracker.run.define_metric("epoch")
+                tracker.run.define_metric("loss/epoch", step_metric="epoch")
+
+    # ----------------------------------------------------------------------------------------------- cleanup
+    def cleanup(self) -> Path | None:
+        """Save the final model (rank 0 only), the train-end state if asked for, and close what setup opened."""
+        out = self.save_model(self.cfg.output_path)
+        if self.t.save_state or self.t.save_state_on_train_end:
+            self.save_state(checkpoints.state_path(self.t, self.t.output_name))
+        return out
+
+    def close(self) -> None:
+        """Close the metrics file and the trackers (also after an error)."""
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "accelerator", None) is not None:
+            self.accelerator.end_training()
 
     def _load_vae_for_saving(self) -> Any:
         from sdtool.models.loading import load_vae
@@ -402,6 +687,7 @@ class FineTuneRecipe:
             "sdtool.seed": str(self.plan.seed),
             "sdtool.steps": str(self.state.global_step),
             "sdtool.epochs": str(self.state.epoch + (1 if self.state.batch_in_epoch else 0)),
+            "sdtool.ema": "true" if self.ema is not None else "false",
         }
         if t.min_timestep is not None or t.max_timestep is not None:
             extra["modelspec.timestep_range"] = f"{t.min_timestep or 0},{t.max_timestep or 1000}"
@@ -421,9 +707,116 @@ class FineTuneRecipe:
 
     def run(self) -> Path | None:
         """setup → train → cleanup."""
-        self.setup()
-        self.train()
-        return self.cleanup()
+        try:
+            self.setup()
+            self.train()
+            return self.cleanup()
+        finally:
+            self.close()
+
+
+class Interrupted(SdtoolError):
+    """SIGINT/SIGTERM stopped the run after a step and a state save: exit 130."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        warn(f"{self.signal_name}: finishing this step, then saving a state (Ctrl-C again to stop without saving)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which finishes the step and saves a state."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step`: a resumed run continues the file with the next step."""
+    from sdtool.fsutil import atomic_write_text
+
+    if not path.is_file():
+        warn(f"{path} does not exist; the resumed run starts a new one at step {step + 1}")
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill
+        if not isinstance(record, dict) or record.get("step", step + 1) > step:
+            break
+        kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def tracker_options(t: Any) -> dict[str, Any]:
+    """Accelerator arguments for `log_with`: kohya's folder `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`."""
+    if t.log_with is None:
+        return {}
+    trackers = ["tensorboard", "wandb"] if t.log_with == "all" else [t.log_with]
+    options: dict[str, Any] = {"log_with": trackers}
+    if t.logging_dir is not None:
+        options["project_dir"] = str(Path(t.logging_dir) / f"{t.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
+    return options
+
+
+def tracker_config(cfg: ResolvedConfig) -> dict[str, Any]:
+    """The training keys as tracker hyperparameters (scalars only; lists and tables as text)."""
+    out: dict[str, Any] = {}
+    for key, value in checkpoints.config_record(cfg).items():
+        out[key] = value if isinstance(value, bool | int | float | str) else json.dumps(value, ensure_ascii=False)
+    return out
+
+
+def log_epoch_loss(accelerator: Any, epoch: int, loss: float) -> None:
+    """The mean loss of an epoch, with the epoch as its x axis (kohya puts it on the step axis)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log({"loss/epoch": loss, "epoch": epoch})  # plotted against "epoch" (define_metric)
+        else:
+            tracker.log({"loss/epoch": loss}, step=epoch)  # its own tag, so its own chart with epochs on x
+
+
+def log_sample_grid(accelerator: Any, grid: Path, step: int) -> None:
+    """A sampling point's grid image to the trackers."""
+    if not accelerator.trackers:
+        return
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": pixels[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({"samples": [pixels]}, step=step)
+
+
+def _version() -> str:
+    from sdtool import __version__
+
+    return __version__
 
 
 def _allow_fp16_grads(accelerator: Any) -> None:

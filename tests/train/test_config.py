@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -158,7 +159,16 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_v1, dataset):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("resume=state", "resume: kohya option not supported by sdtool (not implemented yet"),
+        ("resume=state", "resume: "),
+        ("wandb_api_key=abc", "wandb_api_key: kohya option not supported by sdtool (a key in a config file"),
+        ("save_last_n_steps=3", "save_last_n_steps: needs save_every_n_steps"),
+        ("offload_ema=true", "offload_ema: needs use_ema = true"),
+        ("ema_decay=1.0", "ema_decay: "),
+        ("sample_every_n_steps=2", "need sample_prompts"),
+        ("sample_prompts=nowhere.txt", "sample_prompts: "),
+        ("log_with=tensorboard", "log_with: tensorboard needs logging_dir"),
+        ("log_with=wandb", "log_with: wandb needs the package 'wandb', which is not installed"),
+        ("log_prefix=x", "log_prefix: needs logging_dir or log_with"),
         ("full_bf16=true", "full_bf16: needs mixed_precision = 'bf16'"),
         ("optimizer_type=AdamW9bit", "did you mean 'AdamW8bit'"),
         ("optimizer_args=['lr']", "optimizer_args: 'lr' is not key=value"),
@@ -216,3 +226,21 @@ def test_cli_print_config(cli, tmp_path, tiny_v1, dataset):
 def test_cli_launch_flags_are_not_silently_ignored(cli, tmp_path, tiny_v1, dataset):
     result = cli("train", kohya_config(tmp_path, tiny_v1, dataset), "--num-processes", "2")
     assert result.exit_code == 2 and "--num-processes" in result.stderr
+
+
+def test_readme_example_config_uses_only_known_keys():
+    """The commented example in README `### train` stays in step with the schema (set and commented-out keys)."""
+    import re
+
+    from sdtool.train.config import GENERAL_KEYS, SUBSET_KEYS, TOP_KEYS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### train", 1)[1].split("\n### ", 1)[0]
+    block = section.split("```toml", 1)[1].split("```", 1)[0]
+    data = tomllib.loads(block)
+    keys = {k for table, v in data.items() if table not in ("general", "datasets") for k in v}
+    keys |= set(data["general"]) | {k for d in data["datasets"] for k in d if k != "subsets"}
+    keys |= {k for d in data["datasets"] for s in d["subsets"] for k in s}
+    keys |= set(re.findall(r"^\s*# ?(\w+) = ", block, flags=re.MULTILINE))
+    assert "save_every_n_steps" in keys and "use_ema" in keys
+    assert keys - (TOP_KEYS | GENERAL_KEYS | SUBSET_KEYS) == set()

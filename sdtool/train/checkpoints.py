@@ -1,0 +1,198 @@
+"""Periodic saves, their pruning, and state folders for an exact resume (CONTRACT §I).
+
+Names are kohya's: periodic models `<name>-<epoch:06d>` and `<name>-step<step:08d>` (plus `.safetensors`/`.ckpt`, or
+a folder for the diffusers formats), state folders `<name>-state`, `<name>-<epoch:06d>-state`,
+`<name>-step<step:08d>-state`.
+
+A state folder holds what `accelerate.save_state` writes (trained weights, optimizer, grad scaler, every RNG and
+accelerate's gradient-accumulation counter; loaded back with `weights_only=True`) plus `sdtool_state.json` (step,
+epoch, position in the bucket sampler, seed, learning-rate schedule, the resolved config) and, with EMA,
+`ema.safetensors`. It is written to `.<name>.partial` and renamed, so a folder under its final name is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sdtool.console import warn
+from sdtool.errors import ConfigError, SdtoolError
+from sdtool.train.config import ResolvedConfig, TrainConfig
+
+STATE_FILE = "sdtool_state.json"
+EMA_FILE = "ema.safetensors"
+STATE_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------------------------ naming
+def save_stem(name: str, *, epoch: int | None = None, step: int | None = None) -> str:
+    """`name`, `name-<epoch:06d>` or `name-step<step:08d>`."""
+    if step is not None:
+        return f"{name}-step{step:08d}"
+    if epoch is not None:
+        return f"{name}-{epoch:06d}"
+    return name
+
+
+def model_path(cfg: TrainConfig, stem: str) -> Path:
+    """The model file (or diffusers folder) for a save stem."""
+    out = Path(cfg.output_dir) / stem
+    return out if cfg.save_model_as.startswith("diffusers") else out.with_name(f"{stem}.{cfg.save_model_as}")
+
+
+def state_path(cfg: TrainConfig, stem: str) -> Path:
+    """The state folder beside a save: `<stem>-state`."""
+    return Path(cfg.output_dir) / f"{stem}-state"
+
+
+def periodic_saves(cfg: TrainConfig, kind: str, states: bool) -> dict[int, Path]:
+    """Existing periodic models (or state folders) of this output name: {epoch or step: path}."""
+    name = re.escape(cfg.output_name)
+    number = r"step(\d{8})" if kind == "step" else r"(\d{6})"
+    if states:
+        suffix = "-state"
+    elif cfg.save_model_as.startswith("diffusers"):
+        suffix = ""
+    else:
+        suffix = re.escape(f".{cfg.save_model_as}")
+    pattern = re.compile(f"{name}-{number}{suffix}")
+    found = {}
+    out = Path(cfg.output_dir)
+    if out.is_dir():
+        for path in out.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and (path.is_dir() if states or not suffix else path.is_file()):
+                found[int(match.group(1))] = path
+    return found
+
+
+def prune(cfg: TrainConfig, kind: str, states: bool, keep_after: int) -> list[Path]:
+    """Delete periodic saves numbered `keep_after` or lower; returns what was deleted."""
+    removed = []
+    for number, path in sorted(periodic_saves(cfg, kind, states).items()):
+        if number <= keep_after:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def prune_after_save(cfg: TrainConfig, kind: str, number: int, every: int) -> None:
+    """Apply save_last_n_* after a periodic save at epoch/step `number`.
+
+    Steps (kohya: "remove older checkpoints if N steps elapsed"): keep the saves of the last N steps, i.e. steps
+    greater than `number − N`. Epochs (kohya: "save last N checkpoints"): keep the last N epoch saves, i.e. epochs
+    greater than `number − every·N`. `*_state` variants set N for state folders (default: the models' N).
+    """
+    t = cfg
+    if kind == "step":
+        n_models, n_states, scale = t.save_last_n_steps, t.save_last_n_steps_state or t.save_last_n_steps, 1
+    else:
+        n_models, n_states, scale = t.save_last_n_epochs, t.save_last_n_epochs_state or t.save_last_n_epochs, every
+    if n_models is not None:
+        prune(t, kind, False, number - scale * n_models)
+    if n_states is not None and t.save_state:
+        prune(t, kind, True, number - scale * n_states)
+
+
+# ------------------------------------------------------------------------------------------------- state save
+def write_state(accelerator: Any, path: Path, record: dict[str, Any], ema: Any | None) -> Path:
+    """Write a state folder atomically: every rank writes into `.<name>.partial`, rank 0 renames it into place."""
+    partial = path.with_name(f".{path.name}.partial")  # the same name on every rank
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(partial / EMA_FILE)
+        text = json.dumps({"format": STATE_FORMAT, **record}, indent=2, allow_nan=False)
+        (partial / STATE_FILE).write_text(text + "\n", encoding="utf-8")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            partial.rename(path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The `sdtool_state.json` of a state folder, checked for its format."""
+    file = path / STATE_FILE
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SdtoolError(f"resume: cannot read {file} ({exc})") from exc
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+        raise SdtoolError(f"resume: {file} is not a state this sdtool can read (format {record.get('format')!r})")
+    return record
+
+
+def config_record(cfg: ResolvedConfig) -> dict[str, Any]:
+    """The resolved config as plain data, stored in the state to check a resume against."""
+    return tomllib.loads(cfg.to_toml())
+
+
+# Keys that only say where and how outputs go, or how fast data loads: they may change between runs freely.
+_FREE_KEYS = {
+    "output_dir",
+    "output_name",
+    "overwrite",
+    "resume",
+    "save_model_as",
+    "save_precision",
+    "use_safetensors",
+    "save_every_n_epochs",
+    "save_every_n_steps",
+    "save_n_epoch_ratio",
+    "save_last_n_epochs",
+    "save_last_n_epochs_state",
+    "save_last_n_steps",
+    "save_last_n_steps_state",
+    "save_state",
+    "save_state_on_train_end",
+    "offload_ema",
+    "max_data_loader_n_workers",
+    "persistent_data_loader_workers",
+    "vae_batch_size",
+    "cache_latents_to_disk",
+    "gradient_checkpointing",
+}
+_FREE_PREFIXES = ("sample_", "log", "wandb_", "metadata_")
+# Keys whose change makes the saved optimizer/EMA state unusable.
+_BLOCKING_KEYS = {"train_text_encoder", "optimizer_type", "full_fp16", "full_bf16", "v2"}
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], use_ema: bool, has_ema: bool) -> None:
+    """Refuse a config the state cannot continue; warn, naming each key, where the run will differ."""
+    problems: list[str] = []
+    changes: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        if key in _FREE_KEYS or key.startswith(_FREE_PREFIXES):
+            continue
+        before, now = saved.get(key), current.get(key)
+        if before == now:
+            continue
+        shown = f"{key}: {_short(before)} in the state, {_short(now)} now"
+        (problems if key in _BLOCKING_KEYS else changes).append(shown)
+    if use_ema and not has_ema:
+        problems.append("use_ema: the state has no EMA weights (it was saved without use_ema)")
+    if problems:
+        raise ConfigError([f"resume: {p}" for p in problems], hint="resume with the settings the state was saved with")
+    if changes:
+        warn("resuming with a changed config, so the run will not equal an uninterrupted one: " + "; ".join(changes))
+
+
+def _short(value: Any) -> str:
+    text = "unset" if value is None else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
