@@ -100,10 +100,7 @@ def _check_config_backend(path: Path) -> None:
     except Exception as exc:
         raise UsageError(f"--accelerate-config {path}: not a readable accelerate config ({exc})") from None
     if str(config.distributed_type).endswith("DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
-        raise MissingDependencyError(
-            f"{path} selects DeepSpeed, which is not installed",
-            hint="pip install deepspeed (CUDA only), or choose MULTI_GPU or FSDP in the accelerate config",
-        )
+        raise MissingDependencyError("deepspeed", f"{path} (DeepSpeed)")  # CUDA only; or MULTI_GPU / FSDP
 
 
 def launch_argv(options: LaunchOptions, sdtool_args: list[str]) -> list[str]:

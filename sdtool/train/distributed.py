@@ -127,7 +127,8 @@ def accelerator_options(train_text_encoder: bool, clip_skip: int | None) -> dict
     check_launch_backend()
     options: dict[str, Any] = {}
     if world_size() > 1:
-        has_device = torch.accelerator.is_available() and torch.accelerator.current_accelerator().type != "mps"
+        current = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        has_device = current is not None and current.type != "mps"
         if not has_device:
             options["cpu"] = True  # accelerate only picks gloo for torchrun's CPU ranks when told they are CPU
         if train_text_encoder and (clip_skip or 1) > 1:
@@ -142,13 +143,9 @@ def check_launch_backend() -> None:
     """A clear error when the launch asks for DeepSpeed and it is not installed (before accelerate's ImportError)."""
     import importlib.util
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not importlib.util.find_spec(
-        "deepspeed"
-    ):
-        raise MissingDependencyError(
-            "the accelerate config selects DeepSpeed, which is not installed",
-            hint="pip install deepspeed (CUDA only), or choose MULTI_GPU or FSDP in the accelerate config",
-        )
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if wants_deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise MissingDependencyError("deepspeed", "the accelerate config's DeepSpeed backend")
 
 
 def prepare_for_backend(accelerator: Any, batch_size: int, train_text_encoder: bool) -> None:
