@@ -20,6 +20,7 @@ def command(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Run the whole chain offline on a generated dataset and a tiny model."""
-    from sdtool.errors import NotImplementedYetError
+    from sdtool.demo import run_demo
 
-    raise NotImplementedYetError(NAME)
+    root = run_demo(dir, device)
+    typer.echo(str(root))

@@ -1,0 +1,523 @@
+"""Sample images during training (CONTRACT §I, kohya's `sample_images_common`), without touching the training run.
+
+Prompt files are kohya's, so users' files work unchanged:
+
+* `.txt` — one prompt per line; blank lines and lines starting with `#` (after leading spaces) are skipped. Options
+  follow the prompt, each introduced by " --": `--n <negative prompt>`, `--w <width>`, `--h <height>`, `--d <seed>`,
+  `--l <CFG scale>`, `--s <steps>`, `--ss <sampler>`; names are case-insensitive. Any other option is an error that
+  names the file and line (kohya silently ignores unknown ones; its `--g`, `--cn`, `--ctr`, `--rcfg`, `--fs`, `--f`
+  belong to other model families or ControlNet and are refused rather than ignored).
+* `.toml` — kohya's layout, a `[prompt]` table of defaults with `[[prompt.subset]]` entries (an entry's keys win),
+  or a plain `[[prompt]]` array of tables.
+* `.json` — a list whose items are objects or `.txt`-style lines.
+
+Keys of the table/object forms are kohya's: `prompt`, `negative_prompt`, `width`, `height`, `seed`, `scale`,
+`sample_steps`, `sample_sampler`. Unknown keys are errors naming the file and entry.
+
+Behaviour (documented differences from kohya in brackets):
+
+* Width and height are rounded down to a multiple of 8, at least 64 (as kohya). Steps must be 1–1000 [kohya clamps].
+* A prompt without a seed gets seed = its index in the file [kohya: a random seed], so every sampling point renders
+  the same noise and samples stay comparable across a run and reproducible across runs.
+* Noise comes from a CPU `torch.Generator` seeded per image, so a seed gives the same start latents on CPU and GPU.
+* Prompts are encoded by the `encode_prompts` the caller passes (sdtool.text.encode_prompts): the same chunking and
+  clip_skip as training [kohya's LPW pipeline keeps each chunk's BOS/EOS, a different layout]. The prompt and its
+  negative are encoded as one batch, so both have the same length and need no padding.
+* The scheduler is built `from_config` of the model's scheduler config, so `prediction_type` (v-prediction),
+  betas and timestep spacing carry over [kohya rebuilds fixed betas and forces `clip_sample=True` for DDIM].
+* File names have no timestamp [kohya appends one], so a sampling point's names are reproducible:
+  `<prefix>_<step:06d>_<idx:02d>_<seed>.png` (or `<prefix>_e<epoch:06d>_…` for epoch-end sampling, as kohya), plus
+  `<prefix>_<step:06d>_grid.png`; `<prefix>_` is left out when no prefix is given. Each PNG carries its settings in
+  text chunks: `parameters` (A1111 style, read by most image viewers) and `sdtool` (JSON).
+* Sampling never changes the training trajectory: the torch CPU, every CUDA, Python `random` and NumPy RNG states
+  are saved and restored, models are put in eval mode and every submodule's train/eval flag is restored, models
+  moved to `device` are moved back, and nothing runs with gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import random
+import re
+import tomllib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtool.errors import InputError, MissingDependencyError, UsageError
+from sdtool.fsutil import atomic_write_bytes
+
+# kohya's `--sample_sampler` names → (diffusers scheduler class, extra config). `ddpm` is left out, as in kohya.
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "k_lms": ("LMSDiscreteScheduler", {}),
+    "k_euler": ("EulerDiscreteScheduler", {}),
+    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+}
+
+DEFAULT_SCALE = 7.5  # kohya's default CFG scale
+MAX_STEPS = 1000
+
+# kohya options that parse but mean nothing for SD 1.x/2.x here: refused with a reason instead of ignored.
+_FOREIGN_OPTIONS = {
+    "g": "guidance scale of distilled models (FLUX)",
+    "cn": "a ControlNet image",
+    "ctr": "CFG truncation (Lumina)",
+    "rcfg": "CFG renormalisation (Lumina)",
+    "fs": "flow shift (flow-matching models)",
+    "f": "frame count (video models)",
+}
+_OPTION_KEYS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "sample_steps"}
+_OPTION_KEYS["ss"] = "sample_sampler"
+_DICT_KEYS = {"prompt", *_OPTION_KEYS.values()}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One sample to render; None means "use generate_samples' default"."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    scale: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    source: str = ""  # where it came from ("prompts.txt:3"), for messages
+
+
+def sampler_names() -> list[str]:
+    """The sampler names `--ss` / `sample_sampler` accept (kohya's list)."""
+    return list(SAMPLERS)
+
+
+def check_sampler(name: str) -> str:
+    """Return the normalised sampler name or raise UsageError listing the valid ones."""
+    key = name.strip().lower()
+    if key not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}", hint=f"use one of {', '.join(SAMPLERS)}")
+    return key
+
+
+def build_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
+    """The diffusers scheduler for a kohya sampler name, `from_config` of the model's config (keeps prediction_type)."""
+    import diffusers
+
+    class_name, extra = SAMPLERS[check_sampler(name)]
+    if class_name == "LMSDiscreteScheduler":
+        try:
+            import scipy  # noqa: F401  (LMS integrates its coefficients with scipy)
+        except ImportError as exc:
+            raise MissingDependencyError("scipy", f"the {name} sampler") from exc
+    config = dict(scheduler_config)
+    # SD's PNDM configs may omit clip_sample, and DDIM would then default to clipping x0 to [-1, 1], which is wrong for
+    # latents (diffusers' own pipelines turn it off); kohya forces it on, a bug we do not copy.
+    config.setdefault("clip_sample", False)
+    # SD's PNDM configs skip the Runge-Kutta warm-up (PLMS); with it, PNDM fails at small step counts.
+    config.setdefault("skip_prk_steps", True)
+    with warnings.catch_warnings():
+        # kohya's "dpmsolver" is the first-order-data algorithm diffusers marks deprecated; it still works.
+        warnings.simplefilter("ignore", FutureWarning)
+        return getattr(diffusers, class_name).from_config(config, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
+    """Read a kohya sample-prompt file (.txt, .toml or .json); errors name the file and line or entry."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".toml", ".json"):
+        raise InputError(path, "sample prompts must be a .txt, .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(path, "sample prompt file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read sample prompts: {exc}") from exc
+
+    if suffix == ".txt":
+        prompts = [
+            parse_prompt_line(line, source=f"{path}:{number}")
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip() and not line.strip().startswith("#")
+        ]
+    elif suffix == ".toml":
+        prompts = _prompts_from_toml(path, text)
+    else:
+        prompts = _prompts_from_json(path, text)
+    if not prompts:
+        raise InputError(path, "no sample prompts in the file")
+    return prompts
+
+
+def parse_prompt_line(line: str, source: str = "<line>") -> SamplePrompt:
+    """Parse one kohya prompt line: `prompt --n neg --w 512 --h 512 --d 1 --l 7.5 --s 30 --ss euler_a`."""
+    pieces = line.strip().split(" --")
+    fields: dict[str, Any] = {"prompt": pieces[0].strip()}
+    for piece in pieces[1:]:
+        piece = piece.strip()
+        if not piece:  # a stray " --" (newer kohya skips it too)
+            continue
+        name, _, value = piece.partition(" ")
+        name, value = name.lower(), value.strip()
+        if name in _FOREIGN_OPTIONS:
+            raise UsageError(f"{source}: option --{name} ({_FOREIGN_OPTIONS[name]}) does not apply to SD 1.x/2.x")
+        if name not in _OPTION_KEYS:
+            raise UsageError(
+                f"{source}: unknown option --{name}", hint="options are --n, --w, --h, --d, --l, --s and --ss"
+            )
+        if not value:
+            raise UsageError(f"{source}: option --{name} needs a value")
+        key = _OPTION_KEYS[name]
+        if key in fields:
+            raise UsageError(f"{source}: option --{name} is given twice")
+        fields[key] = _convert_text_value(key, value, f"{source}: --{name}")
+    return _make_prompt(fields, source)
+
+
+def _convert_text_value(key: str, value: str, where: str) -> Any:
+    if key in ("negative_prompt", "sample_sampler"):
+        return value
+    if key == "scale":
+        if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)", value):
+            raise UsageError(f"{where}: {value!r} is not a number")
+        return float(value)
+    if not re.fullmatch(r"\d+", value):
+        raise UsageError(f"{where}: {value!r} is not a whole number")
+    return int(value)
+
+
+def _prompts_from_toml(path: Path, text: str) -> list[SamplePrompt]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(path, f"invalid TOML: {exc}") from exc
+    table = data.get("prompt")
+    if isinstance(table, list):  # [[prompt]] tables
+        entries = [(f"{path}: [[prompt]] #{i + 1}", entry) for i, entry in enumerate(table)]
+    elif isinstance(table, dict):  # kohya: [prompt] defaults + [[prompt.subset]]
+        subsets = table.get("subset")
+        if not isinstance(subsets, list):
+            raise InputError(path, "[prompt] needs [[prompt.subset]] entries (kohya's layout)")
+        defaults = {k: v for k, v in table.items() if k != "subset"}
+        entries = [(f"{path}: [[prompt.subset]] #{i + 1}", {**defaults, **entry}) for i, entry in enumerate(subsets)]
+    else:
+        raise InputError(path, "expected a [prompt] table with [[prompt.subset]] entries, or [[prompt]] tables")
+    other = sorted(set(data) - {"prompt"})
+    if other:
+        raise InputError(path, f"unknown top-level key(s) {', '.join(other)}; sample prompts go under 'prompt'")
+    return [_prompt_from_dict(entry, source) for source, entry in entries]
+
+
+def _prompts_from_json(path: Path, text: str) -> list[SamplePrompt]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"invalid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise InputError(path, "expected a JSON list of prompt objects or prompt lines")
+    prompts = []
+    for i, item in enumerate(data):
+        source = f"{path}: item {i}"
+        if isinstance(item, str):
+            prompts.append(parse_prompt_line(item, source))
+        else:
+            prompts.append(_prompt_from_dict(item, source))
+    return prompts
+
+
+def _prompt_from_dict(entry: Any, source: str) -> SamplePrompt:
+    if not isinstance(entry, dict):
+        raise UsageError(f"{source}: expected an object with a 'prompt' key, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - _DICT_KEYS)
+    if unknown:
+        raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}", hint=f"keys are {', '.join(_DICT_KEYS)}")
+    for key, value in entry.items():
+        if key in ("prompt", "negative_prompt", "sample_sampler"):
+            ok = isinstance(value, str)
+        elif key == "scale":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            raise UsageError(f"{source}: {key} has the wrong type ({value!r})")
+    return _make_prompt(dict(entry), source)
+
+
+def _make_prompt(fields: dict[str, Any], source: str) -> SamplePrompt:
+    """Validate resolved fields (shared by all formats) and build the SamplePrompt."""
+    if "prompt" not in fields:
+        raise UsageError(f"{source}: missing 'prompt'")
+    for key in ("width", "height"):
+        if key in fields and fields[key] < 8:
+            raise UsageError(f"{source}: {key} must be at least 8, not {fields[key]}")
+    if "sample_steps" in fields and not 1 <= fields["sample_steps"] <= MAX_STEPS:
+        raise UsageError(f"{source}: steps must be between 1 and {MAX_STEPS}, not {fields['sample_steps']}")
+    if "seed" in fields and not 0 <= fields["seed"] < 2**64:
+        raise UsageError(f"{source}: seed must be between 0 and 2**64-1")
+    if "scale" in fields and not math.isfinite(fields["scale"]):
+        raise UsageError(f"{source}: scale must be a finite number")
+    sampler = fields.get("sample_sampler")
+    if sampler is not None:
+        try:
+            sampler = check_sampler(sampler)
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc.message}", hint=exc.hint) from exc
+    return SamplePrompt(
+        prompt=fields["prompt"],
+        negative_prompt=fields.get("negative_prompt", ""),
+        width=fields.get("width"),
+        height=fields.get("height"),
+        seed=fields.get("seed"),
+        scale=float(fields["scale"]) if "scale" in fields else None,
+        steps=fields.get("sample_steps"),
+        sampler=sampler,
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# When to sample
+
+
+def should_sample(
+    step: int,
+    epoch: int,
+    *,
+    every_n_steps: int | None,
+    every_n_epochs: int | None,
+    at_first: bool,
+    epoch_end: bool,
+) -> bool:
+    """Whether to sample now, with kohya's rules (`sample_every_n_epochs` replaces the step schedule).
+
+    Call it with `step=0, epoch_end=False` before training (true iff `at_first`), after each optimizer step with the
+    global step and `epoch_end=False`, and after each epoch with `epoch` = epochs completed (1-based) and
+    `epoch_end=True`. Step sampling never fires at an epoch end; epoch sampling only there.
+    """
+    for name, value in (("sample_every_n_steps", every_n_steps), ("sample_every_n_epochs", every_n_epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{name} must be a positive whole number, not {value!r}")
+    if epoch_end:
+        return every_n_epochs is not None and epoch > 0 and epoch % every_n_epochs == 0
+    if step == 0:
+        return at_first
+    return every_n_epochs is None and every_n_steps is not None and step % every_n_steps == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Save the torch CPU, every CUDA, Python `random` and NumPy RNG states and restore them on exit."""
+    import numpy as np
+    import torch
+
+    cpu = torch.get_rng_state()
+    # Only touch CUDA when it is already in use: querying it would otherwise initialise a context for nothing.
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py = random.getstate()
+    np_state = np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _inference_mode_for(models: Sequence[Any], device: Any) -> Iterator[None]:
+    """Eval mode and `device` for the models, then every submodule's own train flag and device back."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    places = [(model, next(model.parameters()).device) for model in models]
+    try:
+        for model in models:
+            model.eval()
+            model.to(device)
+        yield
+    finally:
+        for model, place in places:
+            model.to(place)
+        for module, training in modes:
+            module.training = training
+
+
+def _resolved(p: SamplePrompt, index: int, default_sampler: str, default_steps: int, size: tuple[int, int]):
+    width = p.width if p.width is not None else size[0]
+    height = p.height if p.height is not None else size[1]
+    return {
+        "prompt": p.prompt,
+        "negative_prompt": p.negative_prompt,
+        # kohya: round down to a multiple of 8 (the VAE's factor), at least 64
+        "width": max(64, width - width % 8),
+        "height": max(64, height - height % 8),
+        "seed": p.seed if p.seed is not None else index,
+        "scale": p.scale if p.scale is not None else DEFAULT_SCALE,
+        "steps": p.steps if p.steps is not None else default_steps,
+        "sampler": p.sampler or default_sampler,
+    }
+
+
+def sample_file_name(name_prefix: str | None, step: int, epoch: int, index: int, seed: int, epoch_end: bool) -> str:
+    """kohya's sample name without its timestamp: `[prefix_]{e<epoch:06d>|<step:06d>}_<idx:02d>_<seed>.png`."""
+    return f"{_point_name(name_prefix, step, epoch, epoch_end)}_{index:02d}_{seed}.png"
+
+
+def _point_name(name_prefix: str | None, step: int, epoch: int, epoch_end: bool) -> str:
+    point = f"e{epoch:06d}" if epoch_end else f"{step:06d}"
+    return f"{name_prefix}_{point}" if name_prefix else point
+
+
+def generate_samples(
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    scheduler_config: dict[str, Any],
+    prompts: Sequence[SamplePrompt | str],
+    *,
+    encode_prompts: Callable[..., Any],
+    out_dir: str | Path,
+    step: int,
+    epoch: int,
+    device: Any,
+    dtype: Any,
+    default_sampler: str = "ddim",
+    default_steps: int = 30,
+    default_size: tuple[int, int] = (512, 512),
+    max_token_length: int | None = None,
+    clip_skip: int | None = None,
+    name_prefix: str | None = None,
+    epoch_end: bool = False,
+) -> list[Path]:
+    """Render one PNG per prompt and a grid into `out_dir`; returns the image paths in prompt order, then the grid.
+
+    `prompts` may mix SamplePrompts and `.txt`-style lines; an empty list renders nothing and returns [].
+
+    Training state is untouched: RNG states, train/eval flags and devices are restored, weights are only read.
+    `dtype` is the autocast precision (float32 = none); `epoch_end=True` names files `e<epoch:06d>` like kohya.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    default_sampler = check_sampler(default_sampler)
+    if not 1 <= default_steps <= MAX_STEPS:
+        raise UsageError(f"sample steps must be between 1 and {MAX_STEPS}, not {default_steps}")
+    if not prompts:
+        return []
+    items = [p if isinstance(p, SamplePrompt) else parse_prompt_line(p, f"prompt {i}") for i, p in enumerate(prompts)]
+    settings = [_resolved(p, i, default_sampler, default_steps, default_size) for i, p in enumerate(items)]
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
+
+    images = []
+    with preserved_rng_state(), torch.no_grad(), _inference_mode_for([unet, vae, text_encoder], device):
+        # No text encoder or tokenizer in the pipeline: prompts arrive as embeddings, which it then casts to the
+        # U-Net's dtype, so a U-Net kept in a different precision from the text encoder still works.
+        pipe: Any = StableDiffusionPipeline(  # Any: diffusers' dynamic attributes are invisible to mypy
+            vae=vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=unet,
+            scheduler=build_scheduler(default_sampler, scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        for s in settings:
+            pipe.scheduler = build_scheduler(s["sampler"], scheduler_config)
+            with autocast:
+                embeds = encode_prompts(
+                    tokenizer, text_encoder, [s["prompt"], s["negative_prompt"]], max_token_length, clip_skip
+                ).to(device)
+                # A CPU generator gives the same start noise for a seed on any device.
+                generator = torch.Generator("cpu").manual_seed(s["seed"])
+                latents = pipe(
+                    prompt_embeds=embeds[:1],
+                    negative_prompt_embeds=embeds[1:],
+                    width=s["width"],
+                    height=s["height"],
+                    num_inference_steps=s["steps"],
+                    guidance_scale=s["scale"],
+                    generator=generator,
+                    output_type="latent",
+                ).images
+                # Decode ourselves: the pipeline would feed U-Net-dtype latents to a VAE that may be in another.
+                vae_dtype = next(vae.parameters()).dtype
+                decoded = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            images.append(pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0])
+
+    paths = []
+    for index, (s, image) in enumerate(zip(settings, images, strict=True)):
+        record = {**s, "step": step, "epoch": epoch, "max_token_length": max_token_length, "clip_skip": clip_skip}
+        name = sample_file_name(name_prefix, step, epoch, index, s["seed"], epoch_end)
+        paths.append(atomic_write_bytes(out_dir / name, _png_bytes(image, record)))
+    grid_record = {"step": step, "epoch": epoch, "samples": [p.name for p in paths]}
+    grid_name = f"{_point_name(name_prefix, step, epoch, epoch_end)}_grid.png"
+    paths.append(atomic_write_bytes(out_dir / grid_name, _png_bytes(make_grid(images), grid_record)))
+    return paths
+
+
+def make_grid(images: Sequence[Any]) -> Any:
+    """Tile images (sizes may differ) into a near-square grid, each in a cell as large as the largest image."""
+    from PIL import Image
+
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cell_w = max(im.width for im in images)
+    cell_h = max(im.height for im in images)
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * cell_w, (i // cols) * cell_h))
+    return grid
+
+
+def _png_bytes(image: Any, record: dict[str, Any]) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if "prompt" in record:
+        info.add_text("parameters", _a1111_parameters(record))
+    info.add_text("sdtool", json.dumps(record, ensure_ascii=False))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _a1111_parameters(r: dict[str, Any]) -> str:
+    lines = [r["prompt"]]
+    if r["negative_prompt"]:
+        lines.append(f"Negative prompt: {r['negative_prompt']}")
+    lines.append(
+        f"Steps: {r['steps']}, Sampler: {r['sampler']}, CFG scale: {r['scale']}, Seed: {r['seed']}, "
+        f"Size: {r['width']}x{r['height']}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""The benchmark scripts' own machinery: results, report, FLOP counting and run_all's options (never timings)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+
+from benchmarks import run_all
+from benchmarks.common import BenchResult, describe_machine, machine, report, speedup, unavailable
+
+
+def test_speedup_and_report_json_lines():
+    rows = [
+        speedup("fast", 0.5, 2.0, at_least=3.0),
+        speedup("slow", 1.0, 2.0, at_least=3.0),
+        unavailable("gone", "not available"),
+        BenchResult("nan", float("nan"), unit="s/step", extra={"mfu": float("inf")}),
+    ]
+    assert (rows[0].ratio, rows[0].met) == (4.0, True)
+    assert (rows[1].ratio, rows[1].met) == (2.0, False)
+    info = machine()
+    assert info["cores"] >= 1 and info["cpu"] and "torch" in info
+    out, console_file = io.StringIO(), io.StringIO()
+    from rich.console import Console
+
+    report(rows, json_lines=True, info=info, out=out, console=Console(file=console_file, width=200))
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["name"] for d in lines] == ["fast", "slow", "gone", "nan"]
+    assert lines[0]["ratio"] == 4.0 and lines[0]["target"] == "speed-up ≥ 3×" and lines[0]["machine"] == info
+    assert lines[3]["ours"] is None and lines[3]["extra"]["mfu"] is None  # JSON has no NaN
+    table = console_file.getvalue()
+    assert describe_machine(info) in table and "not available" in table and "4.00" in table
+
+
+def test_run_all_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(["--only", "bucket,warp"])
+    assert exc.value.code == 2
+    assert "unknown benchmark 'warp'" in capsys.readouterr().err
+    assert run_all.parse_only("unet,bucket") == ["bucket", "unet"]
+    with pytest.raises(Exception, match="none given"):
+        run_all.parse_only(",")
+
+
+def test_run_all_reports_missing_module(monkeypatch, capsys):
+    monkeypatch.setitem(run_all.BENCHES, "train", run_all.Bench("bench_does_not_exist"))
+    assert run_all.main(["--only", "train", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["name"] == "train" and row["ours"] is None and row["note"].startswith("not available")
+
+
+def test_parse_script_output_of_plain_benchmarks():
+    cache = "ratio cache / sequential: 0.950  (target ≤ 1.00)\nratio cache / VAE only:   1.200  (target ≤ 1.10)\n"
+    a, b = run_all.parse_script_output("cache", cache)
+    assert (a.ratio, a.met, a.target) == (0.95, True, "ratio ≤ 1")
+    assert (b.ratio, b.met) == (1.2, False)
+    label = "     batch-1 loop  sdtool  ratio\ntag     12.0/s  30.0/s  2.50x\ncaption  1.0/s  2.0/s  2.00x\n"
+    (tag,) = run_all.parse_script_output("tag", label)
+    assert (tag.name, tag.ratio, tag.met) == ("tag", 2.5, None)
+    (bucket,) = run_all.parse_script_output("bucket", "images: 3\nspeed-up: 27.5x\n")
+    assert bucket.ratio == 27.5
+
+
+def _oracle_flops(unet, inputs) -> int:
+    """Multiply-adds ×2 of every Conv2d, Linear and attention product, from module hooks (independent of torch's
+    dispatch-level counter)."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    total = 0
+
+    def conv(m, args, out):
+        nonlocal total
+        total += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, args, out):
+        nonlocal total
+        total += 2 * out.numel() * m.in_features
+
+    def attention(m, args, kwargs, out):
+        nonlocal total
+        hidden = args[0] if args else kwargs["hidden_states"]
+        context = kwargs.get("encoder_hidden_states")
+        b, sq, _ = hidden.shape
+        sk = sq if context is None else context.shape[1]
+        total += 2 * 2 * b * sq * sk * m.inner_dim  # q·kᵀ and attn·v
+
+    hooks = []
+    for module in unet.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv))
+        elif isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_hook(linear))
+        elif isinstance(module, Attention):
+            hooks.append(module.register_forward_hook(attention, with_kwargs=True))
+    with torch.no_grad():
+        unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def test_forward_flops_match_an_independent_count():
+    from benchmarks import bench_unet_gpu as b
+
+    config = b.tiny_unet_config()
+    unet = b.build_unet(config, "cpu", checkpointing=False).eval()
+    one = b.make_inputs(config, 1, 8, "cpu")
+    two = b.make_inputs(config, 2, 8, "cpu")
+    flops_1 = b.count_forward_flops(unet, one, "fp32")
+    assert flops_1 == _oracle_flops(unet, one)
+    assert b.count_forward_flops(unet, two, "bf16") == 2 * flops_1  # the same work per image under autocast
+
+
+def test_cpu_smoke_step_and_reporting():
+    from benchmarks import bench_unet_gpu as b
+
+    (row,) = b.cpu_smoke(batch=2, latent=8)
+    m = row.extra
+    assert row.unit == "s/step" and row.ours == m["step_s"] > 0
+    assert m["optimizer"] == "adamw8bit" and m["checkpointing"] and m["resolution"] == 64
+    assert math.isclose(m["images_per_s"], 2 / m["step_s"])
+    assert m["forward_gflops_per_image"] > 0
+    assert math.isclose(m["hardware_tflops_per_s"], m["model_tflops_per_s"] * 4 / 3)
+    assert m["mfu"] is None and "peak TFLOP/s of this device not known" in row.note
+
+
+def test_peak_table_and_cuda_skip():
+    import torch
+
+    from benchmarks import bench_unet_gpu as b
+
+    assert b.peak_tflops("NVIDIA H100 80GB HBM3") == (989.0, "H100 SXM")
+    assert b.peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
+    assert b.peak_tflops("NVIDIA L4")[0] == 121.0
+    assert b.peak_tflops("NVIDIA L40S") is None  # "L4" must not match the L40 family
+    assert b.peak_tflops("NVIDIA GeForce RTX 4090")[0] == 165.0
+    if not torch.cuda.is_available():
+        (row,) = b.run(quick=True)
+        assert row.ours is None and row.note == "skipped: needs CUDA"
