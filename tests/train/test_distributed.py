@@ -223,3 +223,13 @@ def test_num_processes_launches_through_accelerate(sdtool_proc, tmp_path, tiny_v
     assert "images per optimizer step (batch_size × processes × accumulation): 2 × 2 × 1 = 4" in result.stderr
     assert "dry run: nothing trained" in result.stderr
     assert not (tmp_path / "launched").exists()
+
+
+def test_kohya_deepspeed_keys_point_to_the_accelerate_config(cli, tmp_path):
+    images, meta = make_dataset(tmp_path / "data", 2)
+    text = CONFIG.format(
+        model=tmp_path, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
+    )
+    result = cli("train", write_config(tmp_path / "c.toml", text), "--set", "zero_stage=2", "--dry-run")
+    assert result.exit_code == 2
+    assert "zero_stage" in result.stderr and "--accelerate-config" in result.stderr
