@@ -31,12 +31,18 @@ from sdtool.errors import StrictModeError
 
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 
-_state = {"verbosity": NORMAL}
+_state = {"verbosity": NORMAL, "warnings": True}
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def set_verbosity(level: int) -> None:
     _state["verbosity"] = level
+
+
+def mute_secondary_process() -> None:
+    """Ranks other than 0 of a multi-process run print errors only: rank 0 says everything else, once."""
+    _state["verbosity"] = QUIET
+    _state["warnings"] = False
 
 
 def verbosity() -> int:
@@ -60,7 +66,8 @@ def debug(message: str) -> None:
 
 def warn(message: str) -> None:
     """Warnings are shown even with `-q`: they are about the user's data or results."""
-    err.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+    if _state["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {message}", markup=True)
 
 
 def error_line(message: str) -> None:

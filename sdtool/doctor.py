@@ -155,31 +155,51 @@ def check_onnxruntime() -> Check:
     return Check("onnxruntime", "ok", detail)
 
 
-def check_accelerate() -> Check:
+def check_accelerate(config_file: Path | None = None) -> Check:
+    """accelerate's launch configuration, the devices a multi-process run would use, and its backend's packages."""
     try:
         from accelerate.commands.config import default_config_file
     except Exception as exc:
         return Check("accelerate", "warn", f"cannot read accelerate's configuration ({exc})")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    import importlib.util
+
+    import torch
+
+    path = Path(config_file or default_config_file)
+    status: Status = "ok"
     parts = []
-    if Path(default_config_file).is_file():
+    if path.is_file():
         try:
             from accelerate.commands.config.config_args import load_config_from_file
 
-            cfg = load_config_from_file(default_config_file)
-            parts.append(
-                f"config {default_config_file}: {cfg.distributed_type}, {cfg.num_processes} process(es), "
-                f"mixed_precision {cfg.mixed_precision}"
-            )
+            cfg = load_config_from_file(str(path))
         except Exception as exc:
-            return Check("accelerate", "warn", f"config {default_config_file} unreadable ({exc})")
+            return Check("accelerate", "warn", f"config {path} unreadable ({exc})")
+        kind = str(cfg.distributed_type).rsplit(".", 1)[-1]
+        parts.append(
+            f"config {path}: {kind}, {cfg.num_processes} process(es) on {cfg.num_machines} machine(s), "
+            f"mixed_precision {cfg.mixed_precision}"
+        )
+        if kind == "DEEPSPEED":
+            stage = (cfg.deepspeed_config or {}).get("zero_stage")
+            if importlib.util.find_spec("deepspeed") is None:
+                status = "warn"
+                parts.append(f"DeepSpeed (ZeRO {stage}) selected but not installed: pip install deepspeed")
+            else:
+                parts.append(f"DeepSpeed {_version('deepspeed')}, ZeRO stage {stage}")
     else:
-        parts.append("no accelerate config (single process; 'accelerate config' to set one up)")
-    parts.append(f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "all devices visible")
+        parts.append("no accelerate config: 'sdtool train --num-processes N' launches plain DDP")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        parts.append(f"{count} CUDA device(s) visible{where}: up to {count} process(es) per machine (NCCL)")
+    else:
+        parts.append("no CUDA device: multi-process runs use CPU processes with gloo")
     world = os.environ.get("WORLD_SIZE")
     if world:
-        parts.append(f"WORLD_SIZE={world}")
-    return Check("accelerate", "ok", "; ".join(parts))
+        parts.append(f"inside a launched run: WORLD_SIZE={world}, RANK={os.environ.get('RANK', '?')}")
+    return Check("accelerate", status, "; ".join(parts))
 
 
 def _disk_check(name: str, folder: Path) -> Check:

@@ -26,7 +26,8 @@ def command(
     ] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config as TOML.")] = False,
     num_processes: Annotated[
-        int | None, typer.Option("--num-processes", min=1, help="Launch this many processes (accelerate).")
+        int | None,
+        typer.Option("--num-processes", min=1, help="Launch this many processes in all (accelerate launch)."),
     ] = None,
     num_machines: Annotated[int | None, typer.Option("--num-machines", min=1, help="Machines taking part.")] = None,
     machine_rank: Annotated[int | None, typer.Option("--machine-rank", min=0, help="This machine's rank.")] = None,
@@ -41,23 +42,15 @@ def command(
     ] = None,
 ) -> None:
     """Fine-tune a Stable Diffusion model from a TOML config."""
-    from sdtool.console import error_line
-    from sdtool.errors import ConfigError, UsageError
+    from sdtool.console import error_line, mute_secondary_process
+    from sdtool.errors import ConfigError
+    from sdtool.launch import LaunchOptions, process_rank
 
-    launch = {
-        "--num-processes": num_processes,
-        "--num-machines": num_machines,
-        "--machine-rank": machine_rank,
-        "--main-process-ip": main_process_ip,
-        "--main-process-port": main_process_port,
-        "--accelerate-config": accelerate_config,
-    }
-    given = [flag for flag, value in launch.items() if value is not None]
-    if given:
-        raise UsageError(
-            f"{', '.join(given)}: multi-process launching is not implemented yet",
-            hint="run on one process, or start it with 'accelerate launch -m sdtool train CONFIG'",
-        )
+    launch = LaunchOptions(
+        num_processes, num_machines, machine_rank, main_process_ip, main_process_port, accelerate_config
+    )
+    if process_rank() != 0:
+        mute_secondary_process()  # only rank 0 reports; errors still come from every rank
     from sdtool.runtime import quiet_third_party
     from sdtool.train.config import load_config
 
@@ -70,10 +63,21 @@ def command(
         for problem in exc.problems:
             error_line(problem)
         raise typer.Exit(exc.exit_code) from None
-    if print_config:
+    if print_config and process_rank() == 0:
         typer.echo(cfg.to_toml(), nl=False)
-        if not dry_run:
-            return
+    if print_config and not dry_run:
+        return
+    if launch.given():
+        # The config is valid: start the processes, each of them a plain `sdtool train` (see sdtool/launch.py).
+        from sdtool.console import QUIET, VERBOSE, verbosity
+        from sdtool.launch import run_launch
+
+        level = {VERBOSE: ["-v"], QUIET: ["-q"]}.get(verbosity(), [])
+        args = [*level, "train", str(config.resolve()), *(x for s in set_ or [] for x in ("--set", s))]
+        code = run_launch(launch, args + ["--dry-run"] * dry_run)
+        if code:
+            raise typer.Exit(code)
+        return
     from sdtool.train.recipe import FineTuneRecipe, estimate_memory, make_plan, print_plan
 
     plan = make_plan(cfg)

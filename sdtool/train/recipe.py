@@ -25,6 +25,7 @@ from sdtool.errors import EXIT_INTERRUPTED, ConfigError, NonFiniteError, SdtoolE
 from sdtool.train import checkpoints
 from sdtool.train.config import ResolvedConfig
 from sdtool.train.dataset import BucketBatchSampler, SubsetRuntime, TrainItem, load_items, sample_seed
+from sdtool.train.distributed import world_size
 
 _STEP_STREAM = 1  # separates the per-step seeds from the per-sample seeds derived from the same run seed
 
@@ -57,6 +58,7 @@ class Plan:
     total_steps: int
     epochs: int
     seed: int
+    processes: int = 1  # data-parallel processes; each global batch is split between them (distributed.py)
 
 
 def make_plan(cfg: ResolvedConfig) -> Plan:
@@ -69,11 +71,14 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
     else:
         seed = random.SystemRandom().randrange(2**31)
     items, subsets = load_items(cfg.datasets)
-    sampler = BucketBatchSampler(items, subsets, [d.batch_size for d in cfg.datasets], seed)
+    processes = world_size()
+    # Global batches: batch_size per process, so steps per epoch shrink as processes are added.
+    sampler = BucketBatchSampler(items, subsets, [d.batch_size * processes for d in cfg.datasets], seed)
     batches = len(sampler)
     steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
     total = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    return Plan(items, subsets, sampler, batches, steps_per_epoch, total, math.ceil(total / steps_per_epoch), seed)
+    epochs = math.ceil(total / steps_per_epoch)
+    return Plan(items, subsets, sampler, batches, steps_per_epoch, total, epochs, seed, processes)
 
 
 def print_plan(cfg: ResolvedConfig, plan: Plan) -> None:
@@ -81,7 +86,7 @@ def print_plan(cfg: ResolvedConfig, plan: Plan) -> None:
     from rich.table import Table
 
     table = Table(title="bucket plan", title_justify="left")
-    for col in ("dataset", "bucket", "images", "with repeats", "batch size", "batches/epoch"):
+    for col in ("dataset", "bucket", "images", "with repeats", "global batch", "batches/epoch"):
         table.add_column(col, justify="right")
     counts: dict[tuple[int, tuple[int, int]], list[int]] = {}
     for item in plan.items:
@@ -89,10 +94,13 @@ def print_plan(cfg: ResolvedConfig, plan: Plan) -> None:
         c[0] += 1
         c[1] += plan.subsets[item.subset].num_repeats
     for (d, bucket), (n, reps) in sorted(counts.items()):
-        bs = cfg.datasets[d].batch_size
+        bs = cfg.datasets[d].batch_size * plan.processes
         table.add_row(str(d), f"{bucket[0]}x{bucket[1]}", str(n), str(reps), str(bs), str(math.ceil(reps / bs)))
     print_table(table)
     accum = cfg.train.gradient_accumulation_steps
+    sizes = sorted({d.batch_size for d in cfg.datasets})
+    per_step = " / ".join(f"{bs} × {plan.processes} × {accum} = {bs * plan.processes * accum}" for bs in sizes)
+    info(f"{plan.processes} process(es); images per optimizer step (batch_size × processes × accumulation): {per_step}")
     info(
         f"{len(plan.items)} images, {plan.batches_per_epoch} batches per epoch, gradient accumulation {accum}: "
         f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in total ({plan.epochs} epochs), seed "
@@ -154,6 +162,7 @@ class FineTuneRecipe:
 
         from sdtool.runtime import quiet_third_party, torch_dtype
         from sdtool.train.dataset import Collate, TrainDataset, check_cache
+        from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
         from sdtool.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
 
@@ -165,7 +174,10 @@ class FineTuneRecipe:
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             step_scheduler_with_optimizer=False,
             **tracker_options(t),
+            **accelerator_options(t.train_text_encoder, t.clip_skip),
         )
+        if acc.num_processes != self.plan.processes:
+            raise ConfigError(f"planned for {self.plan.processes} processes but accelerate runs {acc.num_processes}")
         self.cached = t.cache_latents
         if self.cached:
             check_cache(self.plan.items, self.plan.subsets)
@@ -214,24 +226,22 @@ class FineTuneRecipe:
 
         dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached)
         workers = min(t.max_data_loader_n_workers, os.cpu_count() or 1)
-        loader = torch.utils.data.DataLoader(
-            dataset,  # type: ignore[arg-type]
-            batch_sampler=self.plan.sampler,
-            num_workers=workers,
-            collate_fn=Collate(model.tokenizer, t.max_token_length),
-            persistent_workers=t.persistent_data_loader_workers and workers > 0,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=_ignore_sigint,
+        collate = Collate(model.tokenizer, t.max_token_length)
+        persistent = t.persistent_data_loader_workers and workers > 0
+        # Each rank's slice of every global batch (not accelerate's round-robin sharding): see distributed.py.
+        self.loader = make_loader(
+            dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", _ignore_sigint
         )
+        prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), t.train_text_encoder)
         if t.train_text_encoder:
-            self.unet, self.text_encoder, self.optimizer, self.loader = acc.prepare(unet, te, optimizer, loader)
+            self.unet, self.text_encoder, self.optimizer = acc.prepare(unet, te, optimizer)
         else:
-            self.unet, self.optimizer, self.loader = acc.prepare(unet, optimizer, loader)
+            self.unet, self.optimizer = acc.prepare(unet, optimizer)
             self.text_encoder = te
         if t.full_fp16:
             _allow_fp16_grads(acc)
         self.trained = [self.unet, self.text_encoder] if t.train_text_encoder else [self.unet]
-        self.unet_dtype = full_dtype
+        self.unet_dtype = next(acc.unwrap_model(self.unet).parameters()).dtype  # DeepSpeed may have cast it
 
         opts = LossOptions(**{k: getattr(t, k) for k in LossOptions.__dataclass_fields__ if k != "v_prediction"})
         opts.v_prediction = model.v_prediction
@@ -307,11 +317,13 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------------------------------------- train
     def compute_loss(self, batch: dict[str, Any], generator: Any) -> tuple[Any, Any]:
-        """One micro-batch: latents → noise → U-Net → loss. Returns (loss, timesteps)."""
+        """One micro-batch: latents → noise → U-Net → loss. Returns (loss, the global batch's timesteps)."""
         import torch
 
         from sdtool.text import default_reporter, encode_chunks
+        from sdtool.train.distributed import noisy_inputs, sample_posterior
 
+        shard = batch["shard"]  # this rank's rows of the global batch
         for caption, n_tokens in zip(batch["captions"], batch["lengths"], strict=True):
             default_reporter.report(caption, n_tokens, self.t.max_token_length)
         with torch.no_grad():
@@ -319,14 +331,16 @@ class FineTuneRecipe:
                 latents = batch["latents"]
             else:
                 vae = self.model.vae
-                latents = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist.sample(generator)
+                dist = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist
+                latents = sample_posterior(dist, generator, shard)
             latents = latents.float() * self.scaling_factor
-        noisy, timesteps, target = self.objective.noisy_inputs(latents, generator)
+        noisy, timesteps, target, all_timesteps = noisy_inputs(self.objective, latents, generator, shard)
         with self.accelerator.autocast():
             with torch.set_grad_enabled(self.t.train_text_encoder):
                 states = encode_chunks(self.text_encoder, batch["input_ids"], self.t.clip_skip)
             pred = self.unet(noisy.to(self.unet_dtype), timesteps, states.to(self.unet_dtype)).sample
-        return self.objective.loss(pred, target, timesteps), timesteps
+        # Weighted so that DDP's mean over ranks is the mean over the global batch (1.0 on one process).
+        return self.objective.loss(pred, target, timesteps) * shard.weight, all_timesteps
 
     def train(self) -> None:
         """Run optimizer steps until the planned total: metrics, periodic saves, samples and a graceful stop."""
@@ -349,7 +363,7 @@ class FineTuneRecipe:
                         self.optimizer.zero_grad(set_to_none=True)
                     state.batch_in_epoch += 1
                     micro += 1
-                    loss_sum = loss_sum + loss.detach()
+                    loss_sum = loss_sum + acc.reduce(loss.detach(), "mean")  # the global batch's loss
                     t_sum = t_sum + timesteps.float().mean()
                     # accelerate syncs on the last batch of the loader, so an epoch always ends on a step.
                     epoch_end = acc.gradient_state.end_of_dataloader
@@ -477,22 +491,27 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------------------------------ saves and state
     def save_model(self, path: Path) -> Path | None:
-        """Write the model (the EMA weights when use_ema) at `path`; rank 0 only. Never writes non-finite weights."""
+        """Write the model (the EMA weights when use_ema) at `path`; rank 0 writes. Never writes non-finite weights."""
+        from sdtool.train.distributed import full_weights
         from sdtool.train.saving import save_trained_model
 
         self._flush()  # checks the last step's loss and gradients before anything is written
         acc = self.accelerator
         acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        self._check_weights_finite()
-        model = self.model
+        if acc.is_main_process:
+            self._check_weights_finite()
         with self._weights_for_output():
+            # Every rank takes part: FSDP and ZeRO-3 gather the full weights collectively.
+            unet = full_weights(acc, self.unet)
+            text_encoder = full_weights(acc, self.text_encoder) if self.t.train_text_encoder else self.text_encoder
+            if not acc.is_main_process:
+                return None
+            model = self.model
             out = save_trained_model(
                 path,
                 self.t.save_model_as,
-                unet=acc.unwrap_model(self.unet),
-                text_encoder=acc.unwrap_model(self.text_encoder),
+                unet=unet,
+                text_encoder=acc.unwrap_model(text_encoder),
                 vae=model.vae if model.vae is not None else self._load_vae_for_saving(),
                 tokenizer=model.tokenizer,
                 scheduler_config=model.scheduler_config,
@@ -658,6 +677,9 @@ class FineTuneRecipe:
     # ----------------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> Path | None:
         """Save the final model (rank 0 only), the train-end state if asked for, and close what setup opened."""
+        from sdtool.train.distributed import write_rank_digest
+
+        write_rank_digest(self.accelerator, {"unet": self.unet, "text_encoder": self.text_encoder})
         out = self.save_model(self.cfg.output_path)
         if self.t.save_state or self.t.save_state_on_train_end:
             self.save_state(checkpoints.state_path(self.t, self.t.output_name))

@@ -224,8 +224,12 @@ def test_cli_print_config(cli, tmp_path, tiny_v1, dataset):
 
 
 def test_cli_launch_flags_are_not_silently_ignored(cli, tmp_path, tiny_v1, dataset):
-    result = cli("train", kohya_config(tmp_path, tiny_v1, dataset), "--num-processes", "2")
-    assert result.exit_code == 2 and "--num-processes" in result.stderr
+    # The launch itself is tested in test_distributed.py; a launch that cannot work stops before any process starts.
+    missing = tmp_path / "missing.yaml"
+    result = cli(
+        "train", kohya_config(tmp_path, tiny_v1, dataset), "--num-processes", "2", "--accelerate-config", missing
+    )
+    assert result.exit_code == 2 and f"--accelerate-config {missing}: no such file" in result.stderr
 
 
 def test_readme_example_config_uses_only_known_keys():
