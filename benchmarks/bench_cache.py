@@ -9,6 +9,8 @@ included) should be at least as fast as the sequential loop (ratio ≤ 1.0) and 
 so it costs what the real one costs; nothing is downloaded.
 
     python benchmarks/bench_cache.py [--images 8] [--size 768x512] [--bucket 448x320] [--batch-size 4] [--repeats 2]
+
+`run(quick)` is what `benchmarks/run_all.py` calls; it returns the two ratios as `BenchResult` rows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BenchResult
 
 SD_VAE_CONFIG = dict(
     in_channels=3,
@@ -74,17 +78,16 @@ def make_images(folder: Path, n: int, size: tuple[int, int], bucket: tuple[int, 
     return meta_path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--size", type=_pair, default=(768, 512), help="source image size WxH")
-    parser.add_argument("--bucket", type=_pair, default=(448, 320), help="bucket WxH")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time of each counts")
-    args = parser.parse_args()
-
+def measure(
+    images: int = 8,
+    size: tuple[int, int] = (768, 512),
+    bucket: tuple[int, int] = (448, 320),
+    batch_size: int = 4,
+    workers: int | None = None,
+    device_name: str = "cpu",
+    repeats: int = 2,
+) -> dict[str, float]:
+    """Best seconds of the sequential loop, the VAE alone and `sdtool cache`, and each one's time inside the VAE."""
     from sdtool.runtime import quiet_third_party
 
     quiet_third_party()
@@ -96,10 +99,10 @@ def main() -> None:
     from sdtool.pixels import load_bucketed_pixels, to_tensor
     from sdtool.vae_encode import CacheOptions, bucket_batches, run_cache
 
-    device = torch.device(args.device)
+    device = torch.device(device_name)
     with tempfile.TemporaryDirectory(prefix="sdtool-bench-cache-") as tmp:
         root = Path(tmp)
-        meta_path = make_images(root / "img", args.images, args.size, args.bucket)
+        meta_path = make_images(root / "img", images, size, bucket)
         torch.manual_seed(0)
         vae = AutoencoderKL(**SD_VAE_CONFIG)
         vae.save_pretrained(root / "vae", safe_serialization=True)
@@ -107,8 +110,8 @@ def main() -> None:
         items, problems = lc.plan_items(meta_path)
         assert not problems, problems
         print(
-            f"{len(items)} images {args.size[0]}x{args.size[1]} → bucket {args.bucket[0]}x{args.bucket[1]}, "
-            f"SD-sized VAE on {device}, batch {args.batch_size}, {os.cpu_count()} CPU cores, "
+            f"{len(items)} images {size[0]}x{size[1]} → bucket {bucket[0]}x{bucket[1]}, "
+            f"SD-sized VAE on {device}, batch {batch_size}, {os.cpu_count()} CPU cores, "
             f"torch threads {torch.get_num_threads()}",
             file=sys.stderr,
         )
@@ -131,8 +134,8 @@ def main() -> None:
             dist = vae.encode(x.to(device)).latent_dist
             dist.mean.float().cpu(), dist.std.float().cpu()
 
-        batches = bucket_batches(items, args.batch_size)
-        options = CacheOptions(batch_size=args.batch_size, workers=args.workers, device=args.device, overwrite=True)
+        batches = bucket_batches(items, batch_size)
+        options = CacheOptions(batch_size=batch_size, workers=workers, device=device_name, overwrite=True)
 
         def run_sequential() -> None:
             for item in items:
@@ -170,7 +173,7 @@ def main() -> None:
             p = items[0].placement
             encode(to_tensor(load_bucketed_pixels(items[0].image_path, p.resized, p.bucket))[None])  # warm-up
         # Interleaved repeats, best of each: other load on the machine hits every variant alike.
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, fn in runs.items():
                 vae_seconds[0] = 0.0
                 t0 = time.perf_counter()
@@ -179,7 +182,61 @@ def main() -> None:
                 took = time.perf_counter() - t0
                 if took < best[name]:
                     best[name], inside[name] = took, vae_seconds[0]
-        sequential, vae_only, cached = best["sequential"], best["vae_only"], best["cache"]
+        return {
+            "images": len(items),
+            "batch_size": batch_size,
+            **{f"{name}_s": best[name] for name in runs},
+            **{f"{name}_vae_s": inside[name] for name in runs},
+        }
+
+
+def to_results(m: dict[str, float], size: tuple[int, int], bucket: tuple[int, int]) -> list[BenchResult]:
+    """Two rows: cache time / sequential time (target ≤ 1.00) and cache time / VAE-only time (target ≤ 1.10)."""
+    note = (
+        f"{int(m['images'])} images {size[0]}x{size[1]} → {bucket[0]}x{bucket[1]}, SD-sized VAE, "
+        f"batch {int(m['batch_size'])}, {os.cpu_count()} CPUs"
+    )
+    rows = []
+    for name, reference, bound in (("sequential batch-1 loop", "sequential", 1.0), ("VAE only", "vae_only", 1.10)):
+        ratio = m["cache_s"] / m[f"{reference}_s"]
+        rows.append(
+            BenchResult(
+                name=f"cache: vs {name}",
+                ours=m["cache_s"],
+                reference=m[f"{reference}_s"],
+                ratio=ratio,
+                target=f"time ratio ≤ {bound:.2f}",
+                met=ratio <= bound,
+                note=note,
+                extra={k: v for k, v in m.items() if k.endswith("_s")},
+            )
+        )
+    return rows
+
+
+FULL_IMAGES = 8
+QUICK_IMAGES = 4
+
+
+def run(quick: bool = False) -> list[BenchResult]:
+    """The cache comparison at full size (8 images, best of 2) or quick size (4 images, best of 2)."""
+    m = measure(images=QUICK_IMAGES if quick else FULL_IMAGES)
+    return to_results(m, (768, 512), (448, 320))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--size", type=_pair, default=(768, 512), help="source image size WxH")
+    parser.add_argument("--bucket", type=_pair, default=(448, 320), help="bucket WxH")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time of each counts")
+    args = parser.parse_args()
+
+    m = measure(args.images, args.size, args.bucket, args.batch_size, args.workers, args.device, args.repeats)
+    sequential, vae_only, cached = m["sequential_s"], m["vae_only_s"], m["cache_s"]
 
     print(f"sequential load→resize→encode (batch 1): {sequential:8.2f} s")
     print(f"VAE only (batch {args.batch_size}, tensors in memory):   {vae_only:8.2f} s")
@@ -187,8 +244,8 @@ def main() -> None:
     print(f"ratio cache / sequential: {cached / sequential:.3f}  (target ≤ 1.00)")
     print(f"ratio cache / VAE only:   {cached / vae_only:.3f}  (target ≤ 1.10)")
     for name, label in (("sequential", "sequential"), ("cache", "sdtool cache")):
-        outside = best[name] - inside[name]
-        print(f"{label}: {outside:.2f} s outside the VAE ({outside / inside[name]:.1%} of its VAE time)")
+        outside = m[f"{name}_s"] - m[f"{name}_vae_s"]
+        print(f"{label}: {outside:.2f} s outside the VAE ({outside / m[f'{name}_vae_s']:.1%} of its VAE time)")
 
 
 if __name__ == "__main__":

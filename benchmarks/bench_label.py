@@ -7,6 +7,9 @@ files; the reference does one image at a time in one process, as kohya's scripts
 
 Models are built offline: a small random BLIP (hidden 128, 128 px) and an ONNX tagger at WD14's 448 px input whose
 convolution stack gives it real per-image compute.
+
+`run(quick, parts)` is what `benchmarks/run_all.py` calls; it returns one `BenchResult` per part ("tag: …",
+"caption: …") with images/s of sdtool against the batch-1 loop (target: ≥ 1.5×).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import BenchResult
 from sdtool.console import QUIET, Output, SkipReporter, set_verbosity
 from sdtool.fsutil import atomic_write_text
 from sdtool.images import list_images, open_image
@@ -140,6 +144,63 @@ def bench_caption(root: Path, images: Path, batch_size: int, workers: int | None
     return len(paths) / t_ref, len(paths) / t_new
 
 
+TARGET_SPEEDUP = 1.5
+QUICK = {"images": 16, "caption_images": 4, "repeats": 1}
+FULL = {"images": 48, "caption_images": 16, "repeats": 2}
+
+
+def measure(
+    parts: tuple[str, ...] = ("tag", "caption"),
+    images: int = 48,
+    caption_images: int = 16,
+    batch_size: int = 8,
+    workers: int | None = None,
+    repeats: int = 2,
+    tagger_conv: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Images/s of the batch-1 loop and of sdtool for each part in `parts`, on freshly generated JPEGs."""
+    from sdtool.runtime import quiet_third_party
+
+    quiet_third_party()
+    set_verbosity(QUIET)
+    rates: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with redirect_stdout(sys.stderr):
+            if "tag" in parts:
+                make_images(root / "images", images)
+                rates["tag"] = bench_tag(root, root / "images", batch_size, workers, repeats, tagger_conv)
+            if "caption" in parts:
+                make_images(root / "caption-images", caption_images)
+                rates["caption"] = bench_caption(root, root / "caption-images", batch_size, workers, repeats)
+    return rates
+
+
+def to_result(part: str, reference: float, ours: float, n_images: int, batch_size: int) -> BenchResult:
+    """One part's row: images/s of sdtool against the batch-1 loop, higher is better."""
+    ratio = ours / reference
+    return BenchResult(
+        name=f"{part}: batched vs batch-1 loop",
+        ours=ours,
+        reference=reference,
+        ratio=ratio,
+        target=f"speed-up ≥ {TARGET_SPEEDUP:g}×",
+        met=ratio >= TARGET_SPEEDUP,
+        unit="img/s",
+        note=f"{n_images} 768x512 JPEGs, batch {batch_size}, {os.cpu_count()} CPUs",
+        extra={"images": n_images},
+    )
+
+
+def run(quick: bool = False, parts: list[str] | None = None) -> list[BenchResult]:
+    """Tag and/or caption throughput at full size (48 / 16 images, best of 2) or quick size (16 / 4, best of 1)."""
+    size = QUICK if quick else FULL
+    wanted = tuple(p for p in ("tag", "caption") if parts is None or p in parts)
+    rates = measure(wanted, size["images"], size["caption_images"], repeats=size["repeats"])
+    counts = {"tag": size["images"], "caption": size["caption_images"]}
+    return [to_result(part, *rates[part], n_images=counts[part], batch_size=8) for part in wanted]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48)
@@ -156,27 +217,16 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from sdtool.runtime import quiet_third_party
-
-    quiet_third_party()
-    set_verbosity(QUIET)
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        make_images(root / "images", args.images)
-        make_images(root / "caption-images", args.caption_images)
-        with redirect_stdout(sys.stderr):
-            tag_ref = tag_new = cap_ref = cap_new = float("nan")
-            if args.only in (None, "tag"):
-                tag_ref, tag_new = bench_tag(
-                    root, root / "images", args.batch_size, args.workers, args.repeats, args.tagger_conv
-                )
-            if args.only in (None, "caption"):
-                cap_dir = root / "caption-images"
-                cap_ref, cap_new = bench_caption(root, cap_dir, args.batch_size, args.workers, args.repeats)
+    parts = ("tag", "caption") if args.only is None else (args.only,)
+    rates = measure(
+        parts, args.images, args.caption_images, args.batch_size, args.workers, args.repeats, args.tagger_conv
+    )
+    tag_ref, tag_new = rates.get("tag", (float("nan"), float("nan")))
+    cap_ref, cap_new = rates.get("caption", (float("nan"), float("nan")))
 
     import torch
 

@@ -4,6 +4,9 @@ Both run on the same tiny SD-v1-shaped model, images, batch size and resolution:
 cached latents when the latent cache module is available), sample latents from the VAE posterior, encode
 225-token captions with clip_skip 2, add noise, U-Net forward/backward, AdamW. Prints the ratio
 sdtool / plain (≤ 1.0 means no overhead). Usage: python benchmarks/bench_train.py [--steps 30] [--batch 4]
+
+`run(quick)` is what `benchmarks/run_all.py` calls; it returns the median step times and their ratio as a
+`BenchResult` (target ≤ 1.00).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BenchResult
 
 
 def plain_loop(model_dir: Path, meta_path: Path, steps: int, batch: int) -> list[float]:
@@ -109,14 +114,14 @@ batch_size = {batch}
     return [json.loads(line)["seconds"] for line in lines]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
-    parser.add_argument("--ema", action="store_true", help="sdtool keeps an EMA of the U-Net (use_ema = true)")
-    args = parser.parse_args()
+TARGET_RATIO = 1.0
+FULL_STEPS = 30
+QUICK_STEPS = 8
+WARM_STEPS = 3
 
+
+def measure(steps: int = FULL_STEPS, batch: int = 4, threads: int = 1, ema: bool = False) -> dict[str, float]:
+    """Median step seconds of the plain loop (run before and after sdtool, pooled) and of `sdtool train`."""
     import torch
 
     from sdtool.models.tiny import save_tiny_model
@@ -124,22 +129,69 @@ def main() -> None:
     from tests.train.conftest import make_dataset
 
     quiet_third_party()
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        model_dir = save_tiny_model(root / "tiny-v1", "v1")
-        _, meta_path = make_dataset(root / "data", 16)
-        meta = json.loads(meta_path.read_text())
-        # One bucket for both loops, so the batches are the same shape.
-        square = {k: v for k, v in meta.items() if v["train_resolution"] == [64, 64]}
-        meta_path.write_text(json.dumps({str(meta_path.parent / "images" / k): v for k, v in square.items()}))
-        warm = 3
-        plain_a = plain_loop(model_dir, meta_path, args.steps + warm, args.batch)[warm:]
-        extra = "use_ema = true" if args.ema else ""
-        ours = sdtool_run(root, model_dir, meta_path, args.steps + warm, args.batch, extra)[warm:]
-        plain_b = plain_loop(model_dir, meta_path, args.steps + warm, args.batch)[warm:]
-    plain = statistics.median(plain_a + plain_b)
-    mine = statistics.median(ours)
+    # Both loops get the same intra-op threads; put back what the caller had (run_all runs more benchmarks after).
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            model_dir = save_tiny_model(root / "tiny-v1", "v1")
+            _, meta_path = make_dataset(root / "data", 16)
+            meta = json.loads(meta_path.read_text())
+            # One bucket for both loops, so the batches are the same shape.
+            square = {k: v for k, v in meta.items() if v["train_resolution"] == [64, 64]}
+            meta_path.write_text(json.dumps({str(meta_path.parent / "images" / k): v for k, v in square.items()}))
+            warm = WARM_STEPS
+            plain_a = plain_loop(model_dir, meta_path, steps + warm, batch)[warm:]
+            extra = "use_ema = true" if ema else ""
+            ours = sdtool_run(root, model_dir, meta_path, steps + warm, batch, extra)[warm:]
+            plain_b = plain_loop(model_dir, meta_path, steps + warm, batch)[warm:]
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {
+        "steps": steps,
+        "batch": batch,
+        "threads": threads,
+        "plain_s": statistics.median(plain_a + plain_b),
+        "sdtool_s": statistics.median(ours),
+    }
+
+
+def to_result(m: dict[str, float], ema: bool = False) -> BenchResult:
+    """The row: sdtool's median step time against the plain loop's, ratio sdtool / plain (target ≤ 1.00)."""
+    ratio = m["sdtool_s"] / m["plain_s"]
+    return BenchResult(
+        name="train: median step vs plain diffusers loop",
+        ours=m["sdtool_s"],
+        reference=m["plain_s"],
+        ratio=ratio,
+        target=f"time ratio ≤ {TARGET_RATIO:.2f}",
+        met=ratio <= TARGET_RATIO,
+        unit="s/step",
+        note=(
+            f"tiny SD-v1 model, {int(m['steps'])} steps, batch {int(m['batch'])}, 64x64, 225 tokens, clip_skip 2, "
+            f"AdamW, uncached latents, {int(m['threads'])} torch thread{'s' if m['threads'] != 1 else ''}"
+            + (", sdtool with EMA" if ema else "")
+        ),
+        extra=dict(m),
+    )
+
+
+def run(quick: bool = False) -> list[BenchResult]:
+    """The step-time comparison at full size (30 timed steps) or quick size (8 timed steps), batch 4."""
+    return [to_result(measure(steps=QUICK_STEPS if quick else FULL_STEPS))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=FULL_STEPS)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
+    parser.add_argument("--ema", action="store_true", help="sdtool keeps an EMA of the U-Net (use_ema = true)")
+    args = parser.parse_args()
+
+    m = measure(args.steps, args.batch, args.threads, args.ema)
+    plain, mine = m["plain_s"], m["sdtool_s"]
     ema = ", sdtool with EMA" if args.ema else ""
     print(f"steps {args.steps}, batch {args.batch}, 64x64, 225 tokens, clip_skip 2, AdamW, uncached latents{ema}")
     print(f"plain diffusers loop: median {plain * 1000:.1f} ms/step")

@@ -1,6 +1,6 @@
 """Run sdtool's benchmarks in one go and print a table of ratios against their plain references.
 
-    python benchmarks/run_all.py [--quick] [--only bucket,cache,tag,caption,train,unet] [--json]
+    python benchmarks/run_all.py [--quick] [--only bucket,cache,tag,caption,train,hypernetwork,unet] [--json]
 
 Each benchmark module in this folder exposes `run(quick) -> list[BenchResult]` and is called in this process; a
 module without it is run as a script and the ratios are read from its output. A module that is not there yet is
@@ -47,6 +47,7 @@ BENCHES: dict[str, Bench] = {
     "tag": Bench("bench_label", ("--only", "tag"), ("--images", "16", "--repeats", "1")),
     "caption": Bench("bench_label", ("--only", "caption"), ("--caption-images", "4", "--repeats", "1")),
     "train": Bench("bench_train"),
+    "hypernetwork": Bench("bench_hypernetwork"),
     "unet": Bench("bench_unet_gpu"),
 }
 SUBPROCESS_TIMEOUT_S = 3600

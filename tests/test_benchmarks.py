@@ -141,3 +141,40 @@ def test_peak_table_and_cuda_skip():
     if not torch.cuda.is_available():
         (row,) = b.run(quick=True)
         assert row.ours is None and row.note == "skipped: needs CUDA"
+
+
+@pytest.mark.parametrize("key", sorted(run_all.BENCHES))
+def test_every_benchmark_module_exposes_run_quick(key):
+    """run_all calls each module in-process: it must have `run(quick)` (imported only, nothing is measured)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(f"benchmarks.{run_all.BENCHES[key].module}")
+    fn = getattr(module, "run", None)
+    assert callable(fn), f"benchmarks/{run_all.BENCHES[key].module}.py has no run()"
+    params = inspect.signature(fn).parameters
+    assert "quick" in params and params["quick"].default is False
+    assert run_all.parse_only(key) == [key]
+
+
+def test_label_rows_are_selected_by_their_key():
+    from benchmarks import bench_label
+
+    rows = [bench_label.to_result("tag", 10.0, 20.0, 16, 8), bench_label.to_result("caption", 2.0, 2.5, 4, 8)]
+    assert (rows[0].ratio, rows[0].met, rows[0].unit) == (2.0, True, "img/s")
+    assert (rows[1].ratio, rows[1].met) == (1.25, False)
+    assert run_all._select(rows, "tag", shared=True) == [rows[0]]
+    assert run_all._select(rows, "caption", shared=True) == [rows[1]]
+
+
+def test_cache_and_train_rows_keep_their_targets():
+    from benchmarks import bench_cache, bench_train
+
+    m = {"images": 4, "batch_size": 4, "sequential_s": 10.0, "vae_only_s": 5.0, "cache_s": 5.4}
+    m |= {"sequential_vae_s": 9.0, "vae_only_vae_s": 5.0, "cache_vae_s": 5.0}
+    seq, vae = bench_cache.to_results(m, (768, 512), (448, 320))
+    assert (seq.ratio, seq.met, seq.target) == (0.54, True, "time ratio ≤ 1.00")
+    assert math.isclose(vae.ratio, 1.08) and vae.met and vae.target == "time ratio ≤ 1.10"
+    assert all(r.name.startswith("cache") for r in (seq, vae))
+    row = bench_train.to_result({"steps": 8, "batch": 4, "threads": 1, "plain_s": 0.2, "sdtool_s": 0.21})
+    assert row.name.startswith("train") and math.isclose(row.ratio, 1.05) and row.met is False
