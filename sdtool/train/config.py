@@ -300,7 +300,7 @@ class TrainConfig(CaptionOptions, BucketOptions):
     offload_ema: bool = False
     # hypernetwork training (issue 12; see sdtool/hypernetwork.py and HypernetworkOptions for what each key means)
     train_hypernetwork: bool = False
-    hypernetwork_layer_structure: list[float] = Field(default_factory=lambda: [1, 2, 1])
+    hypernetwork_layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0])
     hypernetwork_activation: str = "linear"
     hypernetwork_layer_norm: bool = False
     hypernetwork_dropout: float | list[float] = 0.0

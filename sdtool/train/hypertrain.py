@@ -21,6 +21,8 @@ from sdtool.hypernetwork import Hypernetwork, HypernetworkOptions, apply_hyperne
 class HypernetworkDenoiser(nn.Module):
     """The module a hypernetwork run prepares: the hypernetwork as its one submodule, the frozen U-Net called by it."""
 
+    frozen_unet: nn.Module
+
     def __init__(self, unet: nn.Module, hypernetwork: Hypernetwork):
         super().__init__()
         self.hypernetwork = hypernetwork

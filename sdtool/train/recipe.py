@@ -558,6 +558,7 @@ class FineTuneRecipe:
 
         if not self.accelerator.is_main_process:
             return None
+        assert self.hypernetwork is not None
         with self._weights_for_output():
             out = self.hypernetwork.save(
                 path,
