@@ -161,7 +161,7 @@ class FineTuneRecipe:
         from accelerate import Accelerator
 
         from sdtool.runtime import quiet_third_party, torch_dtype
-        from sdtool.train.dataset import Collate, TrainDataset, check_cache
+        from sdtool.train.dataset import Collate, TrainDataset, check_cache, training_vae_fingerprint
         from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
         from sdtool.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
@@ -180,7 +180,8 @@ class FineTuneRecipe:
             raise ConfigError(f"planned for {self.plan.processes} processes but accelerate runs {acc.num_processes}")
         self.cached = t.cache_latents
         if self.cached:
-            check_cache(self.plan.items, self.plan.subsets)
+            vae_id = training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
+            check_cache(self.plan.items, self.plan.subsets, vae_id)
 
         model = self._load_model()
         self.model = model
