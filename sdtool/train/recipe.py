@@ -166,7 +166,7 @@ class FineTuneRecipe:
         from accelerate import Accelerator
 
         from sdtool.runtime import quiet_third_party, torch_dtype
-        from sdtool.train.dataset import Collate, TrainDataset, check_cache
+        from sdtool.train.dataset import Collate, TrainDataset, check_cache, training_vae_fingerprint
         from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
         from sdtool.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
@@ -188,7 +188,8 @@ class FineTuneRecipe:
             _check_hypernetwork_backend(acc)
         self.cached = t.cache_latents
         if self.cached:
-            check_cache(self.plan.items, self.plan.subsets)
+            vae_id = training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
+            check_cache(self.plan.items, self.plan.subsets, vae_id)
 
         model = self._load_model()
         self.model = model
@@ -303,7 +304,7 @@ class FineTuneRecipe:
         from sdtool.models.loading import load_model, load_vae
 
         t = self.t
-        components = ("unet", "text_encoder", "tokenizer", "scheduler")
+        components: tuple[str, ...] = ("unet", "text_encoder", "tokenizer", "scheduler")
         if not self.cached and t.vae is None:
             components += ("vae",)
         model = load_model(
