@@ -629,7 +629,8 @@ def _resolve_datasets(
             image_dir = sub.get("image_dir")
             image_path = _abs(image_dir, base) if isinstance(image_dir, str) else None
             if image_path is not None and not image_path.is_dir():
-                problems.append(f"{swhere}image_dir: {image_path} is not a folder")
+                what = "is not a folder" if image_path.exists() else "does not exist"
+                problems.append(f"{swhere}image_dir: {image_path} {what}")
             spec.subsets.append(SubsetSpec(image_dir=image_path, metadata_file=meta_path, options=options))
         specs.append(spec)
     return specs
@@ -664,7 +665,7 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             problems.append(f"vae: {vae} does not exist")
     cfg.output_dir = str(_abs(cfg.output_dir, base))
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        problems.append(f"output_dir: {cfg.output_dir} exists and is not a folder")
+        problems.append(f"output_dir: {cfg.output_dir} exists and is not a folder; name a folder")
     if "/" in cfg.output_name or cfg.output_name in ("", ".", ".."):
         problems.append(f"output_name: {cfg.output_name!r} must be a plain file name")
     elif not cfg.overwrite:
@@ -829,10 +830,13 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
 
     if cfg.logging_dir is not None:
         cfg.logging_dir = str(_abs(cfg.logging_dir, base))
+        if Path(cfg.logging_dir).exists() and not Path(cfg.logging_dir).is_dir():
+            # Found only when the tracker starts, after the model loaded.
+            problems.append(f"logging_dir: {cfg.logging_dir} exists and is not a folder; name a folder")
         if cfg.log_with is None:
             cfg.log_with = "tensorboard"  # kohya's default when a logging folder is given
     elif cfg.log_with in ("tensorboard", "all"):
-        problems.append(f"log_with: {cfg.log_with} needs logging_dir")
+        problems.append(f"log_with: {cfg.log_with} needs logging_dir; set logging_dir = '<folder>'")
     if cfg.log_with is None:
         for key in ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_run_name"):
             if getattr(cfg, key) not in (None, False):
