@@ -79,6 +79,12 @@ def run_demo(folder: Path | None = None, device: str = "cpu") -> Path:
     if root.exists() and any(root.iterdir()):
         raise UsageError(f"{root} is not empty", hint="pass --dir with a new or empty folder")
     root.mkdir(parents=True, exist_ok=True)
+    if device == "cpu":
+        import torch
+
+        # The tiny model is too small to gain from several threads, and on a busy machine a full thread pool per
+        # process slows every step down many times over.
+        torch.set_num_threads(1)
     images, model = root / "images", root / "tiny-model"
     metadata, output = root / "meta.json", root / "output"
 
@@ -197,6 +203,7 @@ def _sample(model_dir: Path, target: Path, device: str) -> Path:
         step=0,
         epoch=0,
         device=resolve_device(device),
+        dtype=None,
         max_token_length=225,
         clip_skip=2,
         name_prefix="demo",

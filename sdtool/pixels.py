@@ -39,7 +39,7 @@ def resize_and_crop(
     except KeyError as exc:
         raise ValueError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}") from exc
     if img.size != tuple(resized):
-        img = img.resize(tuple(resized), resample=resample)
+        img = img.resize((resized[0], resized[1]), resample=resample)
     box = crop_ltrb(resized, bucket)
     return np.asarray(img.crop(box), dtype=np.uint8)
 

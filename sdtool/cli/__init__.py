@@ -8,7 +8,6 @@ one place (`guarded`).
 from __future__ import annotations
 
 import functools
-import sys
 import traceback
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from sdtool import __version__
 from sdtool.cli import bucket, cache, caption, convert, demo, doctor, tag, train
 from sdtool.console import NORMAL, QUIET, VERBOSE, debug_enabled, err, error_line, set_verbosity
 from sdtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, SdtoolError
+from sdtool.runtime import quiet_third_party
 
 app = typer.Typer(
     name="sdtool",
@@ -47,6 +47,7 @@ def root(
     if verbose and quiet:
         raise typer.BadParameter("--verbose and --quiet exclude each other")
     set_verbosity(VERBOSE if verbose else QUIET if quiet else NORMAL)
+    quiet_third_party()  # before any command imports transformers/diffusers (they read it at import time)
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -63,7 +63,12 @@ def build_tiny_tokenizer(kind: TinyKind = "v1") -> Any:
 
     vocab, merges = tiny_vocab_and_merges()
     pad = "<|endoftext|>" if kind == "v1" else "!"
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=77)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,  # type: ignore[arg-type]  # tuples, as tokenizers wants
+        pad_token=pad,
+        model_max_length=77,
+    )
 
 
 def tiny_configs(kind: TinyKind = "v1") -> dict[str, dict[str, Any]]:
@@ -133,6 +138,7 @@ def build_tiny_pipeline(kind: TinyKind = "v1", seed: int = 0) -> Any:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    scheduler: Any
     if kind == "v2":
         scheduler = DDIMScheduler(**schedule, clip_sample=False, prediction_type="v_prediction")
     else:

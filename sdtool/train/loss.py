@@ -54,7 +54,8 @@ class DiffusionObjective:
         scheduler = DDPMScheduler(**schedule, clip_sample=False, rescale_betas_zero_snr=options.zero_terminal_snr)
         self.options = options
         self.num_train_timesteps = int(schedule["num_train_timesteps"])
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        cumprod = scheduler.alphas_cumprod  # type: ignore[attr-defined]
+        self.alphas_cumprod = cumprod.to(device=device, dtype=torch.float32)
         self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
         self.t_min = options.min_timestep or 0
         self.t_max = options.max_timestep if options.max_timestep is not None else self.num_train_timesteps

@@ -285,7 +285,7 @@ class FineTuneRecipe:
         from sdtool.models.loading import load_model, load_vae
 
         t = self.t
-        components = ("unet", "text_encoder", "tokenizer", "scheduler")
+        components: tuple[str, ...] = ("unet", "text_encoder", "tokenizer", "scheduler")
         if not self.cached and t.vae is None:
             components += ("vae",)
         model = load_model(

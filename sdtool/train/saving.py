@@ -79,7 +79,7 @@ def _save_diffusers_folder(
         requires_safety_checker=False,
     )
     with atomic_path(path) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=safe)
+        pipe.save_pretrained(tmp, safe_serialization=safe)  # type: ignore[attr-defined]
         _cast_weight_files(tmp, dtype)
         (tmp / "sdtool_training.json").write_text(json.dumps(metadata, ensure_ascii=False, indent=2) + "\n")
     return path
