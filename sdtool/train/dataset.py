@@ -57,8 +57,11 @@ def sample_seed(seed: int, *parts: int) -> int:
 
 
 def skipped(path: str | Path, reason: str) -> None:
-    """`skipped <path>: <reason>` on stderr, the line every command uses for an input it passes over."""
-    err.print(f"skipped {path}: {reason}", markup=False, highlight=False)
+    """`skipped <path>: <reason>` on stderr, the line every command uses for an input it passes over (rank 0 only)."""
+    from sdtool.launch import process_rank
+
+    if process_rank() == 0:  # every rank reads the same dataset: one line per file, not one per process
+        err.print(f"skipped {path}: {reason}", markup=False, highlight=False)
 
 
 def _assign_bucket(spec: DatasetSpec, image_size: Size) -> buckets.BucketAssignment:
