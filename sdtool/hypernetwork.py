@@ -819,7 +819,23 @@ def build_hypernetwork(unet: nn.Module, options: HypernetworkOptions, name: str 
             name=name,
         )
     hypernetwork = Hypernetwork.load(options.hypernetwork_weights)
-    problems = []
+    problems = options_problems(hypernetwork, options)
+    missing = sorted(set(context_widths(unet)) - set(hypernetwork.widths))
+    if missing:
+        problems.append(
+            f"{options.hypernetwork_weights} has no layers for the U-Net's context width(s) {missing} "
+            f"(it has {hypernetwork.widths}; was it made for another model?)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    if name is not None:
+        hypernetwork.name = name
+    return hypernetwork
+
+
+def options_problems(hypernetwork: Hypernetwork, options: HypernetworkOptions) -> list[str]:
+    """Explicitly set structure keys of `options` that contradict a loaded `hypernetwork_weights` file."""
+    problems: list[str] = []
     given = options.model_fields_set
     checks = {
         "hypernetwork_layer_structure": (
@@ -837,14 +853,4 @@ def build_hypernetwork(unet: nn.Module, options: HypernetworkOptions, name: str 
     for key, (wanted, found) in checks.items():
         if key in given and wanted != found:
             problems.append(f"{key} = {wanted} contradicts {options.hypernetwork_weights} ({found})")
-    missing = sorted(set(context_widths(unet)) - set(hypernetwork.widths))
-    if missing:
-        problems.append(
-            f"{options.hypernetwork_weights} has no layers for the U-Net's context width(s) {missing} "
-            f"(it has {hypernetwork.widths}; was it made for another model?)"
-        )
-    if problems:
-        raise ConfigError(problems)
-    if name is not None:
-        hypernetwork.name = name
-    return hypernetwork
+    return problems

@@ -19,6 +19,7 @@ from sdtool.errors import MissingDependencyError, UsageError
 # torchrun / accelerate set RANK and WORLD_SIZE; MPI launchers (accelerate's multi-CPU mode) set their own names.
 _RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
 
 
 def _env_int(names: tuple[str, ...], default: int) -> int:
@@ -37,6 +38,11 @@ def process_rank() -> int:
 def world_size() -> int:
     """Processes in this run, as the launcher announces it (1 when started plainly)."""
     return _env_int(_WORLD_VARS, 1)
+
+
+def local_rank() -> int:
+    """This process's rank on its own machine (which GPU it uses); 0 when started plainly."""
+    return _env_int(_LOCAL_RANK_VARS, 0)
 
 
 @dataclass

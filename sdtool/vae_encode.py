@@ -4,10 +4,15 @@ Images are decoded, resized and cropped by a thread pool (PIL and hashlib releas
 the VAE, which encodes one bucket per batch (the flipped crops ride in the same batch). Each entry is checked for
 NaN/inf and written atomically as soon as its batch is done, so an interrupted run keeps every finished entry and
 a rerun encodes only what is missing or stale.
+
+Under `torchrun` / `accelerate launch` every rank plans the same work, then takes whole bucket batches in turn
+(`batches[rank::N]`), so each image is encoded once, in the batch it would have had in a one-process run; rank 0
+alone reports, after gathering what the other ranks wrote and skipped.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -151,6 +156,28 @@ def run_cache(
     """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
+    ranks = _Ranks.start()
+    try:
+        return _run_cache(metadata_path, model, vae, image_dir, options, output, skips, vae_module, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_cache(
+    metadata_path: str | Path,
+    model: str | None,
+    vae: str | None,
+    image_dir: str | Path | None,
+    options: CacheOptions,
+    output: Output,
+    skips: SkipReporter,
+    vae_module: Any,
+    ranks: _Ranks,
+) -> CacheSummary:
+    main_output, main_skips = output, skips
+    if not ranks.main:
+        # Every rank plans the same work; rank 0 alone reports the planning, so the others discard theirs.
+        output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
     metadata_path = Path(metadata_path)
     cache_dir = Path(options.cache_dir) if options.cache_dir is not None else lc.default_cache_dir(metadata_path)
     items, problems = lc.plan_items(metadata_path, image_dir)
@@ -179,7 +206,7 @@ def run_cache(
 
     from sdtool.runtime import resolve_device, torch_dtype
 
-    device = resolve_device(options.device)
+    device = resolve_device(ranks.device(options.device))
     precision = options.precision or "fp32"
     dtype = torch_dtype(precision)
     if vae_module is None:
@@ -190,20 +217,30 @@ def run_cache(
 
     if options.fmt == "sdtool":
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_temp_files(cache_dir, f".*{TEMP_SUFFIX}")
-    else:
-        for folder in {item.image_path.parent for item in todo}:
-            _remove_temp_files(folder, f".*.npz.*{TEMP_SUFFIX}")
+    if ranks.main:  # only while no rank writes: a leftover temp file could otherwise be another rank's live write
+        if options.fmt == "sdtool":
+            _remove_temp_files(cache_dir, f".*{TEMP_SUFFIX}")
+        else:
+            for folder in {item.image_path.parent for item in todo}:
+                _remove_temp_files(folder, f".*.npz.*{TEMP_SUFFIX}")
+    # No rank writes before every rank has chosen its work from the same, unchanged cache.
+    ranks.barrier()
 
     workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
     batches = bucket_batches(todo, options.batch_size)
     info(
         f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
+        + (f", {ranks.size} processes" if ranks.size > 1 else "")
         + (f", {summary.kept} up to date" if summary.kept else "")
     )
+    mine = batches[ranks.rank :: ranks.size]
+    if not ranks.main:
+        # What this rank writes and skips goes to rank 0 at the end (see _Ranks.gather).
+        output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
+        summary = CacheSummary()
     writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
-    with progress_bar("cache", len(todo)) as advance, torch.inference_mode():
-        for loaded in prefetch_batches(batches, options.interpolation, workers, ahead=max(2, workers)):
+    with progress_bar("cache", sum(len(b) for b in mine)) as advance, torch.inference_mode():
+        for loaded in prefetch_batches(mine, options.interpolation, workers, ahead=max(2, workers)):
             good = []
             for entry in loaded:
                 if entry.error is not None:
@@ -215,12 +252,102 @@ def run_cache(
                 for i, entry in enumerate(good):
                     writer.write(entry, mean, std, i, len(good))
             advance(len(loaded))
+    if ranks.size > 1:
+        summary = ranks.gather(summary, output, skips, main_output, main_skips)
+        if not ranks.main:
+            return summary
     if summary.nonfinite:
         raise NonFiniteError(
             f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; they were not written",
             hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
         )
     return summary
+
+
+class _QuietSkips(SkipReporter):
+    """Collects skips without printing them (ranks other than 0)."""
+
+    def skip(self, path: str | Path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+
+
+@dataclass
+class _Ranks:
+    """This process's place in a launched run, with the few collectives the cache job needs (gloo, CPU)."""
+
+    rank: int = 0
+    size: int = 1
+    local: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls) -> _Ranks:
+        """Join the launcher's process group (env:// rendezvous) when started by torchrun / accelerate launch."""
+        from sdtool.launch import local_rank, process_rank, world_size
+
+        ranks = cls(process_rank(), world_size(), local_rank())
+        if ranks.size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.size)
+                ranks.owns_group = True
+        return ranks
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    def device(self, device: str) -> str:
+        """Each rank its own GPU: `auto` / `cuda` become `cuda:LOCAL_RANK` when CUDA is there."""
+        if self.size == 1 or device.lower() not in ("auto", "cuda"):
+            return device
+        import torch
+
+        return f"cuda:{self.local}" if torch.cuda.is_available() else device
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(
+        self,
+        summary: CacheSummary,
+        output: Output,
+        skips: SkipReporter,
+        main_output: Output,
+        main_skips: SkipReporter,
+    ) -> CacheSummary:
+        """Rank 0 prints the other ranks' output and skips and returns the summed summary; others return theirs."""
+        import torch.distributed as dist
+
+        mine = None
+        if not self.main:
+            text = output.stream.getvalue()
+            mine = (vars(summary), text, skips.skipped, skips.done)
+        everything: list[Any] = [None] * self.size
+        dist.all_gather_object(everything, mine)
+        if not self.main:
+            return summary
+        for part in everything[1:]:
+            counts, text, skipped, done = part
+            for name, n in counts.items():
+                setattr(summary, name, getattr(summary, name) + n)
+            if text:
+                main_output.stream.write(text)
+                main_output.stream.flush()
+            main_skips.extend(skipped)
+            main_skips.ok(done)
+        return summary
 
 
 def _select_work(

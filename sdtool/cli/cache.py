@@ -78,9 +78,14 @@ def command(
     strict: StrictOpt = False,
 ) -> None:
     """Encode bucketed images with the VAE and store their latents on disk."""
-    from sdtool.console import Output, SkipReporter
+    from sdtool.console import Output, SkipReporter, mute_secondary_process
+    from sdtool.launch import process_rank
 
+    if process_rank() != 0:
+        mute_secondary_process()  # under torchrun / accelerate launch rank 0 reports for all (errors still show)
     if status:
+        if process_rank() != 0:
+            return  # a report, not work to share: rank 0 gives it once
         if overwrite:
             from sdtool.errors import UsageError
 

@@ -167,10 +167,22 @@ _FREE_KEYS = {
     "vae_batch_size",
     "cache_latents_to_disk",
     "gradient_checkpointing",
+    "hypernetwork_multiplier",  # sampling strength only
+    "hypernetwork_weights",  # the starting point; a state carries the hypernetwork's current weights
 }
 _FREE_PREFIXES = ("sample_", "log", "wandb_", "metadata_")
 # Keys whose change makes the saved optimizer/EMA state unusable.
-_BLOCKING_KEYS = {"train_text_encoder", "optimizer_type", "full_fp16", "full_bf16", "v2"}
+_BLOCKING_KEYS = {
+    "train_text_encoder",
+    "optimizer_type",
+    "full_fp16",
+    "full_bf16",
+    "v2",
+    "train_hypernetwork",
+    "hypernetwork_layer_structure",
+    "hypernetwork_activation",
+    "hypernetwork_layer_norm",
+}
 
 
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], use_ema: bool, has_ema: bool) -> None:

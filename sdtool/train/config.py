@@ -127,7 +127,7 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
-SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
+SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors", "pt")  # pt: hypernetwork runs only
 
 
 class _Strict(BaseModel):
@@ -298,6 +298,14 @@ class TrainConfig(CaptionOptions, BucketOptions):
     use_ema: bool = False
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     offload_ema: bool = False
+    # hypernetwork training (issue 12; see sdtool/hypernetwork.py and HypernetworkOptions for what each key means)
+    train_hypernetwork: bool = False
+    hypernetwork_layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0])
+    hypernetwork_activation: str = "linear"
+    hypernetwork_layer_norm: bool = False
+    hypernetwork_dropout: float | list[float] = 0.0
+    hypernetwork_multiplier: float = 1.0
+    hypernetwork_weights: str | None = None
     # sample images
     sample_prompts: str | None = None
     sample_every_n_steps: int | None = Field(None, ge=1)
@@ -663,6 +671,7 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             cfg.vae = str(vae)
         elif not _hub_id_like(cfg.vae):
             problems.append(f"vae: {vae} does not exist")
+    _check_hypernetwork(cfg, base, problems)  # first: it settles save_model_as, which names the output below
     cfg.output_dir = str(_abs(cfg.output_dir, base))
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         problems.append(f"output_dir: {cfg.output_dir} exists and is not a folder; name a folder")
@@ -853,6 +862,72 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             _read_toml(tracker_config, "log_tracker_config")
         except ConfigError as exc:
             problems.extend(exc.problems)
+
+
+HYPERNETWORK_KEYS = tuple(k for k in TrainConfig.model_fields if k.startswith("hypernetwork_"))
+
+
+def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
+    """Hypernetwork keys: valid values, a readable weights file that agrees with them, and no contradicting keys.
+
+    A hypernetwork run writes only an A1111 `.pt` file, so `save_model_as` is "pt" there (set when left unset) and
+    nowhere else.
+    """
+    if not cfg.train_hypernetwork:
+        for key in HYPERNETWORK_KEYS:
+            if key in cfg.model_fields_set and getattr(cfg, key) != TrainConfig.model_fields[key].get_default(
+                call_default_factory=True
+            ):
+                problems.append(f"{key}: needs train_hypernetwork = true")
+        if cfg.save_model_as == "pt":
+            problems.append("save_model_as: 'pt' is the hypernetwork file format; it needs train_hypernetwork = true")
+        return
+    from sdtool.errors import SdtoolError
+    from sdtool.hypernetwork import Hypernetwork, HypernetworkOptions, options_problems
+
+    if cfg.train_text_encoder:
+        problems.append(
+            "train_text_encoder: contradicts train_hypernetwork (a hypernetwork trains on a frozen text encoder)"
+        )
+    if "save_model_as" in cfg.model_fields_set and cfg.save_model_as != "pt":
+        problems.append(
+            f"save_model_as: a hypernetwork run writes an A1111 .pt file, not {cfg.save_model_as!r}; "
+            "remove save_model_as or set it to 'pt'"
+        )
+    cfg.save_model_as = "pt"
+    if cfg.use_safetensors:
+        problems.append("use_safetensors: a hypernetwork run writes an A1111 .pt file")
+    if cfg.save_precision not in (None, "float", "fp32"):
+        problems.append("save_precision: hypernetwork files are written in float32, as A1111 writes them")
+    if cfg.mem_eff_attn:
+        problems.append("mem_eff_attn: hypernetwork attention runs on PyTorch SDPA or xformers; remove mem_eff_attn")
+    if cfg.hypernetwork_weights is not None:
+        weights = _abs(cfg.hypernetwork_weights, base)
+        cfg.hypernetwork_weights = str(weights)
+        if not weights.is_file():
+            problems.append(f"hypernetwork_weights: {weights} does not exist")
+            return
+    given = {k: getattr(cfg, k) for k in HYPERNETWORK_KEYS if k in cfg.model_fields_set}
+    try:
+        options = HypernetworkOptions(train_hypernetwork=True, **given)
+    except ValidationError as exc:
+        _format_validation(exc, "", problems)
+        return
+    if options.hypernetwork_weights is None:
+        return
+    try:
+        loaded = Hypernetwork.load(options.hypernetwork_weights)
+    except SdtoolError as exc:
+        problems.append(f"hypernetwork_weights: {exc.one_line()}")
+        return
+    contradictions = options_problems(loaded, options)
+    problems.extend(contradictions)
+    if not contradictions:
+        # The file's structure wins; the resolved config (--print-config, the state's record) says what it is.
+        cfg.hypernetwork_layer_structure = [float(x) for x in loaded.layer_structure]
+        cfg.hypernetwork_activation = loaded.activation or "linear"
+        cfg.hypernetwork_layer_norm = loaded.layer_norm
+        cfg.hypernetwork_dropout = list(loaded.dropout_structure)
 
 
 def _check_samples(cfg: TrainConfig, prompts: Path, problems: list[str]) -> None:

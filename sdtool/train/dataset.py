@@ -256,34 +256,66 @@ class TrainDataset:
         return {"pixels": to_tensor(pixels, flip), "caption": caption}
 
 
-def load_cached(item: TrainItem, sub: SubsetRuntime) -> Any:
-    """The cache entry of an item (native or kohya npz); raises when missing or stale."""
-    from sdtool.latents import default_cache_dir, load_latents  # type: ignore[import-not-found]
+def load_cached(item: TrainItem, sub: SubsetRuntime, expected_vae: str | None = None) -> Any:
+    """The cache entry of an item (native or kohya npz), checked against its image, placement and flip_aug.
 
-    return load_latents(item.image, item.bucket, cache_dir=default_cache_dir(sub.metadata_file))
+    `expected_vae` (a `vae_fingerprint`) also refuses entries another VAE made; raises when missing or stale.
+    """
+    from sdtool.latents import default_cache_dir, load_latents
+
+    return load_latents(
+        item.image,
+        item.bucket,
+        cache_dir=default_cache_dir(sub.metadata_file),
+        expected_vae=expected_vae,
+        flip_aug=sub.flip_aug,
+        original_size=item.image_size,
+        resized=item.resized,
+    )
 
 
-def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime]) -> None:
-    """Refuse to start when any latent is missing or stale, naming the first few."""
-    try:
-        import sdtool.latents  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError as exc:
-        raise SdtoolError(
-            "cached latents need the latent cache module, which this sdtool does not have",
-            hint="set cache_latents = false to encode images on the fly",
-        ) from exc
-    bad = []
+def cache_problems(
+    items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None
+) -> tuple[list[str], list[str]]:
+    """(missing, stale): one line per image whose cached latents cannot be used (reads entry headers only)."""
+    from sdtool.latents import MissingLatentsError
+
+    missing, stale = [], []
     for item in items:
         try:
-            load_cached(item, subsets[item.subset])
+            load_cached(item, subsets[item.subset], expected_vae)
+        except MissingLatentsError as exc:
+            missing.append(exc.one_line())
         except SdtoolError as exc:
-            bad.append(exc.one_line())
-    if bad:
-        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-        metas = sorted({str(s.metadata_file) for s in subsets})
+            stale.append(exc.one_line())
+    return missing, stale
+
+
+def training_vae_fingerprint(vae: str | None, model: str) -> str | None:
+    """The fingerprint of the VAE training would encode with (`vae` or the model's), None when it cannot be read."""
+    from sdtool.latents import vae_fingerprint
+
+    try:
+        return vae_fingerprint(vae or model)
+    except SdtoolError as exc:
+        warn(f"cached latents are not checked against the VAE: {exc.one_line()}")
+        return None
+
+
+def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None = None) -> None:
+    """Refuse to start when any latent is missing or stale: every such image is named, then one error (exit 1)."""
+    from sdtool.console import error_line
+
+    missing, stale = cache_problems(items, subsets, expected_vae)
+    if missing or stale:
+        for line in missing + stale:
+            error_line(line)
+        metas = " ".join(sorted({str(s.metadata_file) for s in subsets}))
+        flip = " --flip-aug" if any(s.flip_aug for s in subsets) else ""
         raise SdtoolError(
-            f"{len(bad)} of {len(items)} images have no usable cached latents: {shown}",
-            hint=f"run sdtool cache {' '.join(metas)} (or set cache_latents = false)",
+            f"{len(missing) + len(stale)} of {len(items)} images have no usable cached latents "
+            f"({len(missing)} missing, {len(stale)} stale), named above",
+            hint=f"run sdtool cache {metas} --model MODEL{flip} (or set cache_latents = false)",
         )
 
 

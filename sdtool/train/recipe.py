@@ -136,6 +136,11 @@ def estimate_memory(cfg: ResolvedConfig) -> dict[str, float]:
     per_param_state = state_bytes.get(t.optimizer_type, 8) * (master / 4)
     trained = count["unet"] + (count["te"] if t.train_text_encoder else 0)
     frozen = count["vae"] * (4 if t.no_half_vae else half) + (0 if t.train_text_encoder else count["te"] * half)
+    if t.train_hypernetwork:
+        from sdtool.train.hypertrain import parameter_count
+
+        trained = parameter_count(dict(unet.config), t.hypernetwork_layer_structure)
+        frozen += count["unet"] * half
     gib = float(1 << 30)
     out = {
         "trained weights": trained * master / gib,
@@ -170,7 +175,7 @@ class FineTuneRecipe:
         from accelerate import Accelerator
 
         from sdtool.runtime import quiet_third_party, torch_dtype
-        from sdtool.train.dataset import Collate, TrainDataset, check_cache
+        from sdtool.train.dataset import Collate, TrainDataset, check_cache, training_vae_fingerprint
         from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
         from sdtool.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
@@ -187,23 +192,30 @@ class FineTuneRecipe:
         )
         if acc.num_processes != self.plan.processes:
             raise ConfigError(f"planned for {self.plan.processes} processes but accelerate runs {acc.num_processes}")
+        self.hypernetwork = None
+        if t.train_hypernetwork:
+            _check_hypernetwork_backend(acc)
         self.cached = t.cache_latents
         if self.cached:
-            check_cache(self.plan.items, self.plan.subsets)
+            vae_id = training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
+            check_cache(self.plan.items, self.plan.subsets, vae_id)
 
         model = self._load_model()
         self.model = model
         self.weight_dtype = torch_dtype(t.mixed_precision)
         device = acc.device
 
-        # What trains: the U-Net always, the text encoder on request. Frozen parts run in the compute dtype.
+        # What trains: the U-Net (or a hypernetwork on the frozen U-Net), the text encoder on request. Frozen parts
+        # run in the compute dtype. A frozen U-Net stays in train mode: it has no dropout or batch norm, so the
+        # mode changes nothing but the flag, and sampling restores whatever flags it finds.
         unet, te = model.unet, model.text_encoder
-        unet.requires_grad_(True)
+        hyper = t.train_hypernetwork
+        unet.requires_grad_(not hyper)
         unet.train()
         te.requires_grad_(t.train_text_encoder)
         te.train(t.train_text_encoder)
         full_dtype = self.weight_dtype if (t.full_fp16 or t.full_bf16) else torch.float32
-        unet.to(device, dtype=full_dtype)
+        unet.to(device, dtype=self.weight_dtype if hyper else full_dtype)
         te.to(device, dtype=full_dtype if t.train_text_encoder else self.weight_dtype)
         if model.vae is not None:
             model.vae.requires_grad_(False)
@@ -211,6 +223,11 @@ class FineTuneRecipe:
             model.vae.to(device, dtype=torch.float32 if t.no_half_vae else self.weight_dtype)
 
         self._set_attention(unet)
+        if hyper:
+            from sdtool.train.hypertrain import attach_hypernetwork
+
+            self.hypernetwork = attach_hypernetwork(t, unet, full_dtype)
+            self.hypernetwork_start_step = self.hypernetwork.step  # a file continued from keeps counting its steps
         if t.gradient_checkpointing:
             # Only what is trained: checkpointing a frozen encoder costs compute and saves nothing (kohya does it).
             unet.enable_gradient_checkpointing()
@@ -220,6 +237,9 @@ class FineTuneRecipe:
         lr_te = t.learning_rate_te if t.learning_rate_te is not None else t.learning_rate
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
         self.group_names = ["unet"]
+        if self.hypernetwork is not None:
+            groups = [{"params": list(self.hypernetwork.parameters()), "lr": t.learning_rate}]
+            self.group_names = ["hypernetwork"]
         if t.train_text_encoder:
             groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": lr_te})
             self.group_names.append("text_encoder")
@@ -242,7 +262,13 @@ class FineTuneRecipe:
             dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", _ignore_sigint
         )
         prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), t.train_text_encoder)
-        if t.train_text_encoder:
+        if self.hypernetwork is not None:
+            from sdtool.train.hypertrain import HypernetworkDenoiser
+
+            # self.unet is what the loss calls: the frozen U-Net through the wrapper DDP and the states see.
+            self.unet, self.optimizer = acc.prepare(HypernetworkDenoiser(unet, self.hypernetwork), optimizer)
+            self.text_encoder = te
+        elif t.train_text_encoder:
             self.unet, self.text_encoder, self.optimizer = acc.prepare(unet, te, optimizer)
         else:
             self.unet, self.optimizer = acc.prepare(unet, optimizer)
@@ -251,6 +277,8 @@ class FineTuneRecipe:
             _allow_fp16_grads(acc)
         self.trained = [self.unet, self.text_encoder] if t.train_text_encoder else [self.unet]
         self.unet_dtype = next(acc.unwrap_model(self.unet).parameters()).dtype  # DeepSpeed may have cast it
+        if self.hypernetwork is not None:
+            self.unet_dtype = next(unet.parameters()).dtype
 
         opts = LossOptions(**{k: getattr(t, k) for k in LossOptions.__dataclass_fields__ if k != "v_prediction"})
         opts.v_prediction = model.v_prediction
@@ -509,6 +537,8 @@ class FineTuneRecipe:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self._check_weights_finite()
+        if self.hypernetwork is not None:
+            return self._save_hypernetwork(path)
         with self._weights_for_output():
             # Every rank takes part: FSDP and ZeRO-3 gather the full weights collectively.
             unet = full_weights(acc, self.unet)
@@ -528,6 +558,23 @@ class FineTuneRecipe:
                 v_prediction=model.v_prediction,
                 precision=self.t.save_precision,
                 metadata=self.output_metadata(),
+            )
+        info(f"saved {out}")
+        return out
+
+    def _save_hypernetwork(self, path: Path) -> Path | None:
+        """The A1111 `.pt` (the EMA weights when use_ema); its step continues the step of `hypernetwork_weights`."""
+        from sdtool.train.hypertrain import checkpoint_name
+
+        if not self.accelerator.is_main_process:
+            return None
+        assert self.hypernetwork is not None
+        with self._weights_for_output():
+            out = self.hypernetwork.save(
+                path,
+                step=self.hypernetwork_start_step + self.state.global_step,
+                name=self.t.output_name,
+                sd_checkpoint_name=checkpoint_name(self.t.pretrained_model_name_or_path),
             )
         info(f"saved {out}")
         return out
@@ -634,9 +681,9 @@ class FineTuneRecipe:
         self._flush()
         model = self.model
         vae = model.vae if model.vae is not None else self._sampling_vae()
-        with self._weights_for_output():
+        with self._weights_for_output(), self._hypernetwork_for_samples():
             paths = generate_samples(
-                acc.unwrap_model(self.unet),
+                model.unet if self.hypernetwork is not None else acc.unwrap_model(self.unet),
                 vae,
                 acc.unwrap_model(self.text_encoder),
                 model.tokenizer,
@@ -658,6 +705,26 @@ class FineTuneRecipe:
         if paths:
             info(f"samples at step {step}: {paths[-1]}")
             log_sample_grid(acc, paths[-1], step)
+
+    def _hypernetwork_for_samples(self) -> Any:
+        """Eval mode for the hypernetwork while sampling (strength hypernetwork_multiplier), its flags back after."""
+        import contextlib
+
+        hypernetwork = self.hypernetwork
+        if hypernetwork is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def evaluating() -> Any:
+            modes = [(m, m.training) for m in hypernetwork.modules()]
+            hypernetwork.eval()
+            try:
+                yield
+            finally:
+                for module, training in modes:
+                    module.training = training
+
+        return evaluating()
 
     def _sampling_vae(self) -> Any:
         """With cached latents the VAE is not loaded for training; sampling loads it once, on the CPU."""
@@ -848,6 +915,17 @@ def _version() -> str:
     from sdtool import __version__
 
     return __version__
+
+
+def _check_hypernetwork_backend(accelerator: Any) -> None:
+    """Hypernetworks train on one process or under DDP; with DeepSpeed or FSDP they are refused (not supported)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ConfigError(
+            f"train_hypernetwork is not supported with {accelerator.distributed_type.value}",
+            hint="use DDP (MULTI_GPU or MULTI_CPU) in the accelerate config; a hypernetwork is small",
+        )
 
 
 def _allow_fp16_grads(accelerator: Any) -> None:
