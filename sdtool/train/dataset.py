@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtool import buckets
-from sdtool.console import err
+from sdtool.console import err, warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
 from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
