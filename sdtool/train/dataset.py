@@ -169,9 +169,9 @@ def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list
     paths = sorted({item.image for item in items})
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         problems = dict(zip(paths, pool.map(problem, paths), strict=True))
-    for path in paths:
-        if problems[path] is not None:
-            skipped(path, problems[path])
+    for path, reason in problems.items():
+        if reason is not None:
+            skipped(path, reason)
     kept = [item for item in items if problems[item.image] is None]
     if not kept:
         raise SdtoolError("the dataset has no usable images", hint="every image failed to decode (named above)")
