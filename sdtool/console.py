@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -67,11 +68,12 @@ def debug(message: str) -> None:
 def warn(message: str) -> None:
     """Warnings are shown even with `-q`: they are about the user's data or results."""
     if _state["warnings"]:
-        err.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+        # The message is text (paths, `pip install 'sdtool[xformers]'`), not markup: escape it.
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True)
 
 
 def error_line(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    err.print(f"[red]error:[/red] {escape(message)}", markup=True)
 
 
 def print_table(table: Any) -> None:

@@ -430,8 +430,13 @@ def record_problem(
 
 
 def native_entry_path(image_path: str | Path, cache_dir: str | Path) -> Path:
-    """The native cache file of an image: `<cache_dir>/<stem>-<sha256(resolved path)[:16]>.safetensors`."""
-    resolved = Path(image_path).resolve()
+    """The native cache file of an image: `<cache_dir>/<stem>-<sha256(resolved path)[:16]>.safetensors`.
+
+    The folder is resolved, the file name is not: a symlink to an image is an image of its own in the metadata
+    (its own name, bucket and caption), so it gets its own entry instead of fighting over its target's.
+    """
+    path = Path(image_path).absolute()
+    resolved = path.parent.resolve() / path.name
     digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", resolved.stem)[:60].lstrip(".") or "image"
     return Path(cache_dir) / f"{stem}-{digest}{NATIVE_SUFFIX}"

@@ -637,7 +637,8 @@ def _resolve_datasets(
             image_dir = sub.get("image_dir")
             image_path = _abs(image_dir, base) if isinstance(image_dir, str) else None
             if image_path is not None and not image_path.is_dir():
-                problems.append(f"{swhere}image_dir: {image_path} is not a folder")
+                what = "is not a folder" if image_path.exists() else "does not exist"
+                problems.append(f"{swhere}image_dir: {image_path} {what}")
             spec.subsets.append(SubsetSpec(image_dir=image_path, metadata_file=meta_path, options=options))
         specs.append(spec)
     return specs
@@ -673,7 +674,7 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     _check_hypernetwork(cfg, base, problems)  # first: it settles save_model_as, which names the output below
     cfg.output_dir = str(_abs(cfg.output_dir, base))
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-        problems.append(f"output_dir: {cfg.output_dir} exists and is not a folder")
+        problems.append(f"output_dir: {cfg.output_dir} exists and is not a folder; name a folder")
     if "/" in cfg.output_name or cfg.output_name in ("", ".", ".."):
         problems.append(f"output_name: {cfg.output_name!r} must be a plain file name")
     elif not cfg.overwrite:
@@ -686,13 +687,17 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             if existing.exists():
                 problems.append(f"{key}: {existing} already exists; set overwrite = true to replace it")
     _check_long_run(cfg, base, problems)
+    _check_model_flags(cfg, problems)
 
     if cfg.use_8bit_adam or cfg.use_lion_optimizer:
         legacy = "AdamW8bit" if cfg.use_8bit_adam else "Lion"
         if cfg.use_8bit_adam and cfg.use_lion_optimizer:
             problems.append("use_8bit_adam/use_lion_optimizer: set at most one")
         elif cfg.optimizer_type.lower() not in ("adamw", legacy.lower()):
-            problems.append(f"use_8bit_adam/use_lion_optimizer: contradicts optimizer_type = {cfg.optimizer_type!r}")
+            problems.append(
+                f"use_8bit_adam/use_lion_optimizer: contradicts optimizer_type = {cfg.optimizer_type!r}; "
+                f"remove the old flag and write optimizer_type = '{legacy}'"
+            )
         else:
             cfg.optimizer_type = legacy
     _check_optimizer(cfg, problems)
@@ -703,7 +708,7 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     if isinstance(cfg.lr_warmup_steps, float) and not cfg.lr_warmup_steps < 1:
         problems.append("lr_warmup_steps: a float is a ratio of the total steps and must be < 1")
     if cfg.use_safetensors and cfg.save_model_as in ("ckpt", "diffusers"):
-        problems.append(f"use_safetensors: contradicts save_model_as = {cfg.save_model_as!r}")
+        problems.append(f"use_safetensors: contradicts save_model_as = {cfg.save_model_as!r}; remove one of the two")
 
     if cfg.full_fp16 and cfg.full_bf16:
         problems.append("full_fp16/full_bf16: choose one")
@@ -718,13 +723,18 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     if cfg.xformers:
         import importlib.util
 
-        if importlib.util.find_spec("xformers") is None:
-            problems.append("xformers: the xformers package is not installed (pip install 'sdtool[xformers]')")
-        elif not _cuda_available():
-            problems.append("xformers: needs a CUDA GPU; remove it to use PyTorch SDPA attention")
+        if not _cuda_available():
+            problems.append("xformers: needs a CUDA GPU; remove it to use PyTorch SDPA attention (the default)")
+        elif importlib.util.find_spec("xformers") is None:
+            problems.append(
+                "xformers: the xformers package is not installed; pip install 'sdtool[xformers]', or remove it "
+                "to use PyTorch SDPA attention (the default)"
+            )
 
     if cfg.learning_rate_te is not None and not cfg.train_text_encoder:
-        problems.append("learning_rate_te: set, but train_text_encoder is off")
+        problems.append(
+            "learning_rate_te: set, but train_text_encoder is off; set train_text_encoder = true or remove it"
+        )
     lo = cfg.min_timestep if cfg.min_timestep is not None else 0
     hi = cfg.max_timestep if cfg.max_timestep is not None else 1000
     if lo >= hi:
@@ -732,13 +742,52 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     if cfg.noise_offset and cfg.multires_noise_iterations:
         problems.append("noise_offset/multires_noise_iterations: choose one kind of extra noise")
     if cfg.adaptive_noise_scale is not None and cfg.noise_offset is None:
-        problems.append("adaptive_noise_scale: needs noise_offset")
+        problems.append("adaptive_noise_scale: needs noise_offset; set noise_offset or remove adaptive_noise_scale")
     if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
-        problems.append("scale_v_pred_loss_like_noise_pred: needs a v-prediction model")
+        problems.append(
+            "scale_v_pred_loss_like_noise_pred: needs a v-prediction model; remove it or v_parameterization = false"
+        )
     if cfg.huber_schedule != "snr" and cfg.loss_type not in ("huber", "smooth_l1"):
-        problems.append("huber_schedule: only used with loss_type huber or smooth_l1")
+        problems.append("huber_schedule: only used with loss_type huber or smooth_l1; remove it or set loss_type")
     if not cfg.cache_latents and cfg.cache_latents_to_disk:
-        problems.append("cache_latents_to_disk: contradicts cache_latents = false")
+        problems.append("cache_latents_to_disk: contradicts cache_latents = false; remove cache_latents_to_disk")
+
+
+def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
+    """`v2` / `v_parameterization` against a local diffusers folder's own JSON configs, before any weights load.
+
+    Only the small config files are read: a contradiction is a config problem (exit 2) and must not wait for the
+    weights (a single file or a hub id is checked when it loads, which is as early as its type can be known).
+    """
+    from sdtool.models.loading import detect_v2
+
+    folder = Path(cfg.pretrained_model_name_or_path)
+    if (cfg.v2 is None and cfg.v_parameterization is None) or not (folder / "unet" / "config.json").is_file():
+        return
+
+    def read(rel: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((folder / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    detected = detect_v2(read("unet/config.json"), read("text_encoder/config.json"))
+    if cfg.v2 is not None and detected is not None and cfg.v2 != detected:
+        kind = "SD v2" if detected else "SD v1"
+        problems.append(
+            f"v2: v2 = {str(cfg.v2).lower()} contradicts the model in {folder}, which is {kind}; "
+            "remove v2 (it is detected from the model)"
+        )
+    scheduler = read("scheduler/scheduler_config.json")
+    if cfg.v_parameterization is not None and scheduler is not None:
+        predicts = scheduler.get("prediction_type", "epsilon")
+        if cfg.v_parameterization != (predicts == "v_prediction"):
+            problems.append(
+                f"v_parameterization: v_parameterization = {str(cfg.v_parameterization).lower()} contradicts the "
+                f"model in {folder}, whose scheduler predicts {predicts}; remove v_parameterization "
+                "(it is read from the model)"
+            )
 
 
 def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
@@ -790,10 +839,13 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
 
     if cfg.logging_dir is not None:
         cfg.logging_dir = str(_abs(cfg.logging_dir, base))
+        if Path(cfg.logging_dir).exists() and not Path(cfg.logging_dir).is_dir():
+            # Found only when the tracker starts, after the model loaded.
+            problems.append(f"logging_dir: {cfg.logging_dir} exists and is not a folder; name a folder")
         if cfg.log_with is None:
             cfg.log_with = "tensorboard"  # kohya's default when a logging folder is given
     elif cfg.log_with in ("tensorboard", "all"):
-        problems.append(f"log_with: {cfg.log_with} needs logging_dir")
+        problems.append(f"log_with: {cfg.log_with} needs logging_dir; set logging_dir = '<folder>'")
     if cfg.log_with is None:
         for key in ("log_prefix", "log_tracker_name", "log_tracker_config", "log_config", "wandb_run_name"):
             if getattr(cfg, key) not in (None, False):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtool import buckets
-from sdtool.console import warn
+from sdtool.console import err, warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
 from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
@@ -54,6 +54,14 @@ def sample_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed derived from the run seed and a position (epoch, batch, slot …)."""
     digest = hashlib.blake2b(":".join(map(str, (seed, *parts))).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def skipped(path: str | Path, reason: str) -> None:
+    """`skipped <path>: <reason>` on stderr, the line every command uses for an input it passes over (rank 0 only)."""
+    from sdtool.launch import process_rank
+
+    if process_rank() == 0:  # every rank reads the same dataset: one line per file, not one per process
+        err.print(f"skipped {path}: {reason}", markup=False, highlight=False)
 
 
 def _assign_bucket(spec: DatasetSpec, image_size: Size) -> buckets.BucketAssignment:
@@ -98,23 +106,28 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
                 try:
                     path = resolver.resolve(key)
                 except InputError as exc:
-                    warn(f"skipped {key}: {exc.reason}")
+                    skipped(key, exc.reason)
                     continue
                 if not path.is_file():
-                    warn(f"skipped {path}: image not found")
+                    skipped(path, "image not found")
                     continue
                 caption = assemble_caption(entry.get("caption"), entry.get("tags"), opts["caption_separator"])
                 if not caption and opts["caption_extension"]:
                     side = path.with_suffix(opts["caption_extension"])
                     if side.is_file():
-                        caption = side.read_text(encoding="utf-8").strip()
+                        try:
+                            caption = side.read_text(encoding="utf-8").strip()
+                        except (OSError, UnicodeDecodeError) as exc:
+                            # Like bucket: the image trains without that text, and the user is told why.
+                            reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+                            skipped(side, f"cannot read the caption file ({reason})")
                 image_size = _pair(entry.get("image_size"))
                 bucket = _pair(entry.get("train_resolution")) if spec.enable_bucket else spec.resolution
                 if image_size is None and (bucket is None or entry.get("resized_size") is None):
                     try:
                         image_size = read_size(path)
                     except ImageError as exc:
-                        warn(f"skipped {path}: {exc.reason}")
+                        skipped(path, exc.reason)
                         continue
                 resized = _pair(entry.get("resized_size")) if spec.enable_bucket else None
                 if bucket is None:
@@ -132,6 +145,37 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
     if not items:
         raise SdtoolError("the dataset has no usable images", hint="check metadata_file and image_dir")
     return items, subsets
+
+
+def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list[TrainItem]:
+    """Decode every image once and drop (naming each) those that cannot be decoded, before training starts.
+
+    Bucketing reads headers only, so a truncated JPEG or a PNG with broken pixel data gets into the metadata; found
+    at its first batch it would stop a run hours in. Decoding up front costs one read per image (in threads: Pillow
+    releases the GIL while decoding) and keeps the plan (steps per epoch) true from the start.
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdtool.images import open_image
+
+    def problem(path: Path) -> str | None:
+        try:
+            open_image(path).close()
+        except ImageError as exc:
+            return exc.reason
+        return None
+
+    paths = sorted({item.image for item in items})
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        problems = dict(zip(paths, pool.map(problem, paths), strict=True))
+    for path, reason in problems.items():
+        if reason is not None:
+            skipped(path, reason)
+    kept = [item for item in items if problems[item.image] is None]
+    if not kept:
+        raise SdtoolError("the dataset has no usable images", hint="every image failed to decode (named above)")
+    return kept
 
 
 class BucketBatchSampler:

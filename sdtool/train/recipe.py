@@ -24,7 +24,14 @@ from sdtool.console import info, make_progress, print_table, warn
 from sdtool.errors import EXIT_INTERRUPTED, ConfigError, NonFiniteError, SdtoolError
 from sdtool.train import checkpoints
 from sdtool.train.config import ResolvedConfig
-from sdtool.train.dataset import BucketBatchSampler, SubsetRuntime, TrainItem, load_items, sample_seed
+from sdtool.train.dataset import (
+    BucketBatchSampler,
+    SubsetRuntime,
+    TrainItem,
+    drop_undecodable,
+    load_items,
+    sample_seed,
+)
 from sdtool.train.distributed import world_size
 
 _STEP_STREAM = 1  # separates the per-step seeds from the per-sample seeds derived from the same run seed
@@ -71,6 +78,8 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
     else:
         seed = random.SystemRandom().randrange(2**31)
     items, subsets = load_items(cfg.datasets)
+    if not t.cache_latents:
+        items = drop_undecodable(items)  # the cache already skipped them; here a bad image would stop the run
     processes = world_size()
     # Global batches: batch_size per process, so steps per epoch shrink as processes are added.
     sampler = BucketBatchSampler(items, subsets, [d.batch_size * processes for d in cfg.datasets], seed)
