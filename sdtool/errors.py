@@ -84,9 +84,3 @@ class MissingDependencyError(SdtoolError):
 class StrictModeError(SdtoolError):
     """`--strict` turned skipped inputs into a failure."""
 
-
-class NotImplementedYetError(SdtoolError):
-    """A command whose flags are fixed by the contract but whose work is not built yet."""
-
-    def __init__(self, command: str):
-        super().__init__(f"'sdtool {command}' is not implemented yet", hint="see the project's open issues")
