@@ -3,7 +3,7 @@
 Both sides use the same model, the same image decoding (`open_image`) and preprocessing and write the same sidecar
 files; the reference does one image at a time in one process, as kohya's scripts do without a DataLoader.
 
-    python benchmarks/bench_label.py [--images 48] [--batch-size 8] [--workers N]
+    python benchmarks/bench_label.py [--images 192] [--batch-size 8] [--workers N]
 
 Models are built offline: a small random BLIP (hidden 128, 128 px) and an ONNX tagger at WD14's 448 px input whose
 convolution stack gives it real per-image compute.
@@ -146,12 +146,12 @@ def bench_caption(root: Path, images: Path, batch_size: int, workers: int | None
 
 TARGET_SPEEDUP = 1.5
 QUICK = {"images": 16, "caption_images": 4, "repeats": 1}
-FULL = {"images": 48, "caption_images": 16, "repeats": 2}
+FULL = {"images": 192, "caption_images": 16, "repeats": 2}
 
 
 def measure(
     parts: tuple[str, ...] = ("tag", "caption"),
-    images: int = 48,
+    images: int = 192,
     caption_images: int = 16,
     batch_size: int = 8,
     workers: int | None = None,
@@ -193,7 +193,7 @@ def to_result(part: str, reference: float, ours: float, n_images: int, batch_siz
 
 
 def run(quick: bool = False, parts: list[str] | None = None) -> list[BenchResult]:
-    """Tag and/or caption throughput at full size (48 / 16 images, best of 2) or quick size (16 / 4, best of 1)."""
+    """Tag and/or caption throughput at full size (192 / 16 images, best of 2) or quick size (16 / 4, best of 1)."""
     size = QUICK if quick else FULL
     wanted = tuple(p for p in ("tag", "caption") if parts is None or p in parts)
     rates = measure(wanted, size["images"], size["caption_images"], repeats=size["repeats"])
@@ -203,7 +203,7 @@ def run(quick: bool = False, parts: list[str] | None = None) -> list[BenchResult
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="default: one per CPU core")
     parser.add_argument("--only", choices=("tag", "caption"), default=None)
