@@ -83,4 +83,3 @@ class MissingDependencyError(SdtoolError):
 
 class StrictModeError(SdtoolError):
     """`--strict` turned skipped inputs into a failure."""
-

@@ -239,19 +239,30 @@ def _run_cache(
         output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
         summary = CacheSummary()
     writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
-    with progress_bar("cache", sum(len(b) for b in mine)) as advance, torch.inference_mode():
+    # Checks and atomic (fsynced) writes run on one writer thread, in order, while the VAE encodes the next batch;
+    # at most a few batches of results wait there, so memory stays bounded.
+    pending: deque[Future[None]] = deque()
+    with (
+        progress_bar("cache", sum(len(b) for b in mine)) as advance,
+        torch.inference_mode(),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtool-write") as write_pool,
+    ):
         for loaded in prefetch_batches(mine, options.interpolation, workers, ahead=max(2, workers)):
             good = []
             for entry in loaded:
                 if entry.error is not None:
-                    writer.skip(entry.item, entry.error)
+                    pending.append(write_pool.submit(writer.skip, entry.item, entry.error))
                 else:
                     good.append(entry)
             if good:
                 mean, std = _encode(vae_module, good, options.flip_aug, device, dtype)
                 for i, entry in enumerate(good):
-                    writer.write(entry, mean, std, i, len(good))
+                    pending.append(write_pool.submit(writer.write, entry, mean, std, i, len(good)))
+            while len(pending) > 4 * options.batch_size:
+                pending.popleft().result()  # re-raises a failed write here
             advance(len(loaded))
+        while pending:
+            pending.popleft().result()
     if ranks.size > 1:
         summary = ranks.gather(summary, output, skips, main_output, main_skips)
         if not ranks.main:
