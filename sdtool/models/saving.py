@@ -188,8 +188,17 @@ def _cast_copy(module: Any, dtype: Any) -> Any:
     return clone
 
 
-def save_diffusers(model: SDModel, path: str | Path, dtype: Any = None, safe_serialization: bool = True) -> Path:
-    """Write a diffusers StableDiffusionPipeline folder atomically (scheduler with the model's prediction type)."""
+def save_diffusers(
+    model: SDModel,
+    path: str | Path,
+    dtype: Any = None,
+    safe_serialization: bool = True,
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a diffusers StableDiffusionPipeline folder atomically (scheduler with the model's prediction type).
+
+    `extra_files` are text files written into the folder beside the components (e.g. training metadata).
+    """
     import diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -216,4 +225,6 @@ def save_diffusers(model: SDModel, path: str | Path, dtype: Any = None, safe_ser
     )
     with atomic_path(path) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=safe_serialization)  # type: ignore[attr-defined]
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return path
