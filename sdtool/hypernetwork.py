@@ -550,6 +550,7 @@ class HypernetworkAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
+        # The steps of diffusers' processors; only the key/value context and the attention kernel differ.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -559,13 +560,10 @@ class HypernetworkAttnProcessor:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
 
-        batch_size, sequence_length, _ = (
+        batch_size, key_tokens, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            # SDPA expects the mask as (batch, heads, source_length, target_length).
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = self._prepare_mask(attn, attention_mask, key_tokens, batch_size, hidden_states.shape[1])
 
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -577,6 +575,35 @@ class HypernetworkAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key, value = self._key_value(attn, encoder_hidden_states)
 
+        hidden_states = self._attend(attn, query, key, value, attention_mask, batch_size)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _prepare_mask(
+        self, attn: Any, mask: torch.Tensor | None, key_tokens: int, batch_size: int, query_tokens: int
+    ) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        mask = attn.prepare_attention_mask(mask, key_tokens, batch_size)
+        # SDPA expects the mask as (batch, heads, source_length, target_length).
+        return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+
+    def _attend(
+        self,
+        attn: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """As `AttnProcessor2_0`: split heads, optional q/k norms, SDPA, merge heads."""
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -588,18 +615,10 @@ class HypernetworkAttnProcessor:
             key = attn.norm_k(key)
 
         hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False
         )
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        hidden_states = attn.to_out[0](hidden_states)  # linear projection
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return hidden_states.to(query.dtype)
 
 
 def _xformers_ops() -> Any:
@@ -620,60 +639,33 @@ class HypernetworkXFormersAttnProcessor(HypernetworkAttnProcessor):
         self.attention_op = attention_op
         self.ops = _xformers_ops()
 
-    def __call__(
+    def _prepare_mask(
+        self, attn: Any, mask: torch.Tensor | None, key_tokens: int, batch_size: int, query_tokens: int
+    ) -> torch.Tensor | None:
+        mask = attn.prepare_attention_mask(mask, key_tokens, batch_size)
+        if mask is not None:
+            # xformers does not broadcast the singleton query dimension of the bias.
+            mask = mask.expand(-1, query_tokens, -1)
+        return mask
+
+    def _attend(
         self,
         attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        batch_size: int,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, key_tokens, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        attention_mask = attn.prepare_attention_mask(attention_mask, key_tokens, batch_size)
-        if attention_mask is not None:
-            # xformers does not broadcast the singleton query dimension of the bias.
-            _, query_tokens, _ = hidden_states.shape
-            attention_mask = attention_mask.expand(-1, query_tokens, -1)
-
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = self._key_value(attn, encoder_hidden_states)
-
+        """As `XFormersAttnProcessor`: heads into the batch, memory-efficient attention, heads back."""
         query = attn.head_to_batch_dim(query).contiguous()
         key = attn.head_to_batch_dim(key).contiguous()
         value = attn.head_to_batch_dim(value).contiguous()
         hidden_states = self.ops.memory_efficient_attention(
-            query, key, value, attn_bias=attention_mask, op=self.attention_op, scale=attn.scale
+            query, key, value, attn_bias=mask, op=self.attention_op, scale=attn.scale
         )
         hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
-
-        hidden_states = attn.to_out[0](hidden_states)  # linear projection
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attn.batch_to_head_dim(hidden_states)
 
 
 def apply_hypernetwork(
