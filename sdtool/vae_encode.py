@@ -139,6 +139,18 @@ def load_cache_vae(model: str | None, vae: str | None, dtype: Any, device: Any) 
     return module.to(device).eval()
 
 
+def conv_memory_format(device: Any) -> Any:
+    """The memory layout the VAE's convolutions run fastest in on `device`.
+
+    On CPU, oneDNN's convolutions and PyTorch's GroupNorm have channels-last kernels: an SD-sized VAE encoder runs
+    about 20 % faster in that layout (measured by `benchmarks/bench_cache.py`), with the same results to float
+    rounding. On CUDA the default layout is kept until a GPU measurement says otherwise.
+    """
+    import torch
+
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 def run_cache(
     metadata_path: str | Path,
     *,
@@ -152,7 +164,8 @@ def run_cache(
 ) -> CacheSummary:
     """Encode every missing or stale entry of a bucketed metadata file (all of them with `overwrite`).
 
-    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. benchmarks and demo).
+    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. benchmarks and demo); it is
+    switched in place to the memory layout of `conv_memory_format`.
     """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
@@ -211,6 +224,8 @@ def _run_cache(
     dtype = torch_dtype(precision)
     if vae_module is None:
         vae_module = load_cache_vae(model, vae, dtype, device)
+    memory_format = conv_memory_format(device)
+    vae_module = vae_module.to(memory_format=memory_format)  # in place: a caller's module keeps its weights
     if fingerprint is None:
         fingerprint = lc.vae_fingerprint(vae_source)
         todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
@@ -255,7 +270,7 @@ def _run_cache(
                 else:
                     good.append(entry)
             if good:
-                mean, std = _encode(vae_module, good, options.flip_aug, device, dtype)
+                mean, std = _encode(vae_module, good, options.flip_aug, device, dtype, memory_format)
                 for i, entry in enumerate(good):
                     pending.append(write_pool.submit(writer.write, entry, mean, std, i, len(good)))
             while len(pending) > 4 * options.batch_size:
@@ -412,7 +427,7 @@ def _drop_npz_collisions(
     return kept
 
 
-def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any) -> tuple[Any, Any]:
+def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any, memory_format: Any) -> tuple[Any, Any]:
     """Posterior mean and std (float32, CPU) of a one-bucket batch; with `flip` the mirrored crops follow."""
     import torch
 
@@ -421,9 +436,10 @@ def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any)
     tensors = [to_tensor(e.pixels) for e in batch]
     if flip:
         tensors += [to_tensor(e.pixels, flip=True) for e in batch]
-    x = torch.stack(tensors).to(device=device, dtype=dtype)
+    x = torch.stack(tensors).to(device=device, dtype=dtype, memory_format=memory_format)
     dist = vae.encode(x).latent_dist
-    return dist.mean.float().cpu(), dist.std.float().cpu()
+    # Back to the default layout: entries are written (and compared) as plain contiguous tensors.
+    return dist.mean.float().cpu().contiguous(), dist.std.float().cpu().contiguous()
 
 
 class _EntryWriter:

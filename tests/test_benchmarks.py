@@ -172,9 +172,12 @@ def test_cache_and_train_rows_keep_their_targets():
 
     m = {"images": 4, "batch_size": 4, "sequential_s": 10.0, "vae_only_s": 5.0, "cache_s": 5.4}
     m |= {"sequential_vae_s": 9.0, "vae_only_vae_s": 5.0, "cache_vae_s": 5.0}
-    seq, vae = bench_cache.to_results(m, (768, 512), (448, 320))
+    seq, vae, busy = bench_cache.to_results(m, (768, 512), (448, 320))
     assert (seq.ratio, seq.met, seq.target) == (0.54, True, "time ratio ≤ 1.00")
     assert math.isclose(vae.ratio, 1.08) and vae.met and vae.target == "time ratio ≤ 1.10"
-    assert all(r.name.startswith("cache") for r in (seq, vae))
+    assert math.isclose(busy.ratio, 5.0 / 5.4) and busy.met and busy.target == "share of time ≥ 0.90"
+    assert all(r.name.startswith("cache") for r in (seq, vae, busy))
+    m["cache_vae_s"] = 4.0  # 1.4 s of 5.4 s outside the VAE: it sat idle a quarter of the time
+    assert bench_cache.to_results(m, (768, 512), (448, 320))[2].met is False
     row = bench_train.to_result({"steps": 8, "batch": 4, "threads": 1, "plain_s": 0.2, "sdtool_s": 0.21})
     assert row.name.startswith("train") and math.isclose(row.ratio, 1.05) and row.met is False

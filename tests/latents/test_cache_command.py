@@ -312,3 +312,12 @@ def test_kohya_names_that_collide_are_skipped_not_overwritten(cli, tiny_v1, tmp_
     assert _by_status(rows) == {"written": {"a.png"}, "skipped": {"a.jpg"}}
     assert "taken by a.png" in next(r["reason"] for r in rows if r["status"] == "skipped")
     assert _by_status(_json_lines(cli(*args).stdout)) == {"kept": {"a.png"}, "skipped": {"a.jpg"}}
+
+
+def test_the_cpu_encodes_channels_last_and_cuda_keeps_the_default_layout():
+    # The native and kohya tests above compare channels-last CPU encodings with a default-layout oracle VAE.
+    from sdtool.vae_encode import conv_memory_format
+
+    assert conv_memory_format("cpu") is torch.channels_last
+    assert conv_memory_format(torch.device("cpu")) is torch.channels_last
+    assert conv_memory_format("cuda:0") is torch.contiguous_format
