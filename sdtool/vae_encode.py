@@ -164,8 +164,8 @@ def run_cache(
 ) -> CacheSummary:
     """Encode every missing or stale entry of a bucketed metadata file (all of them with `overwrite`).
 
-    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. benchmarks and demo); it is
-    switched in place to the memory layout of `conv_memory_format`.
+    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. the benchmark); its weights
+    are switched in place to the memory layout of `conv_memory_format`.
     """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
@@ -225,7 +225,7 @@ def _run_cache(
     if vae_module is None:
         vae_module = load_cache_vae(model, vae, dtype, device)
     memory_format = conv_memory_format(device)
-    vae_module = vae_module.to(memory_format=memory_format)  # in place: a caller's module keeps its weights
+    vae_module = vae_module.to(memory_format=memory_format)
     if fingerprint is None:
         fingerprint = lc.vae_fingerprint(vae_source)
         todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
