@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-PRECISIONS = {None: "float32", "float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
 
 def save_trained_model(
     path: Path,
@@ -29,23 +27,22 @@ def save_trained_model(
     metadata: dict[str, str],
 ) -> Path:
     """Write the model as `fmt` (safetensors, ckpt, diffusers, diffusers_safetensors) at `path`, atomically."""
-    import torch
-
-    dtype = getattr(torch, PRECISIONS[precision])
     from sdtool.models.loading import SDModel
     from sdtool.models.saving import save_diffusers, save_single_file
+    from sdtool.runtime import torch_dtype
 
+    dtype = torch_dtype("fp32" if precision in (None, "float") else precision)
+    model = SDModel(
+        source=str(path),
+        v2=v2,
+        v_prediction=v_prediction,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+    )
     if fmt.startswith("diffusers"):
-        model = SDModel(
-            source=str(path),
-            v2=v2,
-            v_prediction=v_prediction,
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler_config=scheduler_config,
-        )
         training = json.dumps(metadata, ensure_ascii=False, indent=2) + "\n"
         return save_diffusers(
             model,
@@ -54,9 +51,8 @@ def save_trained_model(
             safe_serialization=fmt == "diffusers_safetensors",
             extra_files={"sdtool_training.json": training},
         )
-
     return save_single_file(
-        {"unet": unet, "vae": vae, "text_encoder": text_encoder},
+        model,
         path,
         v2=v2,
         v_prediction=v_prediction,
