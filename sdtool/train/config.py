@@ -361,7 +361,9 @@ class ResolvedConfig:
     @property
     def output_path(self) -> Path:
         """The final model: a file for safetensors/ckpt, a folder for the diffusers formats."""
-        return final_output_path(self.train)
+        from sdtool.train.checkpoints import model_path  # checkpoints imports this module
+
+        return model_path(self.train, self.train.output_name)
 
     def to_toml(self) -> str:
         """The resolved config as TOML: every training key (defaults included) and the datasets as resolved."""
@@ -392,12 +394,6 @@ class ResolvedConfig:
 
 # Dataset fall-backs and old-form keys are folded into the printed [[datasets]]; printing them again would be noise.
 _PRINTED_KEYS = TOP_KEYS - FALLBACK_KEYS - {"dataset_config", "train_data_dir", "in_json"}
-
-
-def final_output_path(cfg: TrainConfig) -> Path:
-    """`<output_dir>/<output_name>.<ext>`, or a folder `<output_dir>/<output_name>/` for the diffusers formats."""
-    out = Path(cfg.output_dir) / cfg.output_name
-    return out if cfg.save_model_as.startswith("diffusers") else out.with_name(f"{out.name}.{cfg.save_model_as}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -680,7 +676,9 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     elif not cfg.overwrite:
         # A finished model is never replaced by accident; metrics.jsonl belongs to its run, so it is kept too
         # (a resumed run continues its own metrics.jsonl).
-        checks = [("output_name", final_output_path(cfg))]
+        from sdtool.train.checkpoints import model_path
+
+        checks = [("output_name", model_path(cfg, cfg.output_name))]
         if cfg.resume is None:
             checks.append(("output_dir", Path(cfg.output_dir) / "metrics.jsonl"))
         for key, existing in checks:
