@@ -881,7 +881,8 @@ def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> No
             problems.append("save_model_as: 'pt' is the hypernetwork file format; it needs train_hypernetwork = true")
         return
     from sdtool.errors import SdtoolError
-    from sdtool.hypernetwork import Hypernetwork, HypernetworkOptions, options_problems
+    from sdtool.hypernetwork import Hypernetwork, options_problems
+    from sdtool.train.hypertrain import options_from
 
     if cfg.train_text_encoder:
         problems.append(
@@ -905,9 +906,8 @@ def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> No
         if not weights.is_file():
             problems.append(f"hypernetwork_weights: {weights} does not exist")
             return
-    given = {k: getattr(cfg, k) for k in HYPERNETWORK_KEYS if k in cfg.model_fields_set}
     try:
-        options = HypernetworkOptions(train_hypernetwork=True, **given)
+        options = options_from(cfg)
     except ValidationError as exc:
         _format_validation(exc, "", problems)
         return

@@ -34,7 +34,7 @@ class HypernetworkDenoiser(nn.Module):
 
 
 def options_from(t: Any) -> HypernetworkOptions:
-    """The hypernetwork keys of a validated train config (explicitly set keys stay marked as set)."""
+    """The hypernetwork keys of a train config as `HypernetworkOptions` (explicitly set keys stay marked as set)."""
     given = {k: getattr(t, k) for k in HypernetworkOptions.model_fields if k in t.model_fields_set}
     return HypernetworkOptions(**{**given, "train_hypernetwork": True})
 
