@@ -9,7 +9,6 @@ to pass through the wrapper) while state folders hold the hypernetwork and not a
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +57,3 @@ def checkpoint_name(source: str) -> str:
     if path.exists():
         return path.stem if path.is_file() else path.name
     return source
-
-
-def parameter_count(unet_config: dict[str, Any], layer_structure: list[float]) -> int:
-    """How many weights a hypernetwork with this structure has for a U-Net config (for the memory estimate)."""
-    channels = list(unet_config.get("block_out_channels", ()))
-    cross = unet_config.get("cross_attention_dim")
-    widths = set(channels) | ({int(cross)} if isinstance(cross, int) else set())
-    per_width = 0
-    for width in widths:
-        dims = [int(width * x) for x in layer_structure]
-        per_width += sum(a * b + b for a, b in itertools.pairwise(dims))
-    return 2 * per_width

@@ -137,9 +137,17 @@ def estimate_memory(cfg: ResolvedConfig) -> dict[str, float]:
     trained = count["unet"] + (count["te"] if t.train_text_encoder else 0)
     frozen = count["vae"] * (4 if t.no_half_vae else half) + (0 if t.train_text_encoder else count["te"] * half)
     if t.train_hypernetwork:
-        from sdtool.train.hypertrain import parameter_count
+        from sdtool.hypernetwork import Hypernetwork, context_widths
 
-        trained = parameter_count(dict(unet.config), t.hypernetwork_layer_structure)
+        with init_empty_weights():
+            hypernetwork = Hypernetwork(
+                context_widths(unet),
+                t.hypernetwork_layer_structure,
+                t.hypernetwork_activation,
+                t.hypernetwork_layer_norm,
+                t.hypernetwork_dropout,
+            )
+        trained = sum(p.numel() for p in hypernetwork.parameters())
         frozen += count["unet"] * half
     gib = float(1 << 30)
     out = {
