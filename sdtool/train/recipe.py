@@ -595,10 +595,8 @@ class FineTuneRecipe:
     def _check_weights_finite(self) -> None:
         import torch
 
-        tensors = [p for module in self.trained for p in module.parameters()]
-        if self.ema is not None:
-            tensors += self.ema.shadow
-        if not all(bool(torch.isfinite(p).all()) for p in tensors):
+        finite = all(bool(torch.isfinite(p).all()) for module in self.trained for p in module.parameters())
+        if not finite or (self.ema is not None and not self.ema.all_finite()):
             raise NonFiniteError(
                 f"the weights became non-finite at step {self.state.global_step}; nothing of this step was saved",
                 hint="lower learning_rate",
