@@ -164,7 +164,6 @@ _FREE_KEYS = {
     "offload_ema",
     "max_data_loader_n_workers",
     "persistent_data_loader_workers",
-    "vae_batch_size",
     "cache_latents_to_disk",
     "gradient_checkpointing",
     "hypernetwork_multiplier",  # sampling strength only

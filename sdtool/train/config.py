@@ -92,6 +92,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "debug_dataset": "use sdtool train --dry-run to inspect the dataset plan",
     "tokenizer_cache_dir": "sdtool always uses the model's own tokenizer",
     "skip_cache_check": "sdtool checks every cache entry; stale entries are refused",
+    "vae_batch_size": "latents are encoded by sdtool cache, before training; use sdtool cache --batch-size",
     "cache_info": "DreamBooth-only in kohya",
     "console_log_level": "use sdtool -v / -q",
     "console_log_file": "use shell redirection of stderr",
@@ -218,7 +219,6 @@ class TrainConfig(CaptionOptions, BucketOptions):
     train_batch_size: int | None = Field(None, ge=1)
     cache_latents: bool = True
     cache_latents_to_disk: bool = False
-    vae_batch_size: int = Field(1, ge=1)
     # outputs
     output_dir: str
     output_name: str = "last"

@@ -161,6 +161,7 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_v1, dataset):
     [
         ("resume=state", "resume: "),
         ("wandb_api_key=abc", "wandb_api_key: kohya option not supported by sdtool (a key in a config file"),
+        ("vae_batch_size=4", "vae_batch_size: kohya option not supported by sdtool (latents are encoded by sdtool"),
         ("save_last_n_steps=3", "save_last_n_steps: needs save_every_n_steps"),
         ("offload_ema=true", "offload_ema: needs use_ema = true"),
         ("ema_decay=1.0", "ema_decay: "),
