@@ -716,8 +716,9 @@ def _check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append("full_bf16: needs mixed_precision = 'bf16'")
     if cfg.mixed_precision == "fp16" and not _cuda_available():
         problems.append("mixed_precision: fp16 needs a CUDA GPU; use 'bf16' or 'no' on this machine")
-    if cfg.xformers and cfg.mem_eff_attn:
-        problems.append("xformers/mem_eff_attn: choose one attention implementation")
+    attention = [key for key in ("sdpa", "xformers", "mem_eff_attn") if getattr(cfg, key)]
+    if len(attention) > 1:  # kohya silently lets one win
+        problems.append(f"{'/'.join(attention)}: choose one attention implementation")
     if cfg.xformers:
         import importlib.util
 

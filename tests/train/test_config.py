@@ -191,6 +191,11 @@ def test_bad_values_name_their_key(tmp_path, tiny_v1, dataset, override, needle)
     assert any(needle in p for p in problems), problems
 
 
+def test_two_attention_implementations_are_refused(tmp_path, tiny_v1, dataset):
+    problems = problems_of(kohya_config(tmp_path, tiny_v1, dataset), ["sdpa=true", "mem_eff_attn=true"])
+    assert "sdpa/mem_eff_attn: choose one attention implementation" in problems
+
+
 def test_missing_dataset_paths(tmp_path, tiny_v1, dataset):
     _images, _meta = dataset
     text = KOHYA.format(model=tiny_v1, images=tmp_path / "noimages", meta=tmp_path / "nometa.json")
