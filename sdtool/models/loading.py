@@ -170,7 +170,8 @@ def _folder_dtype(folder: Path) -> Any:
     """The float dtype of a local diffusers component's safetensors weights, read from the header only."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    # The file diffusers loads without a `variant`: `diffusion_pytorch_model.fp16.safetensors` beside it is not it.
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: (f.name.count("."), f.name)) if folder.is_dir() else []
     if not files:
         return None
     counts: dict[Any, int] = {}
