@@ -28,20 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import BenchResult
-
-SD_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
+from benchmarks.common import BenchResult, sd15_config
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -106,7 +93,7 @@ def measure(
         root = Path(tmp)
         meta_path = make_images(root / "img", images, size, bucket)
         torch.manual_seed(0)
-        vae = AutoencoderKL(**SD_VAE_CONFIG)
+        vae = AutoencoderKL(**sd15_config("vae"))
         vae.save_pretrained(root / "vae", safe_serialization=True)
         vae = vae.to(device).eval().requires_grad_(False)
         items, problems = lc.plan_items(meta_path)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import BenchResult
+from benchmarks.common import BenchResult, sd15_config
 from sdtool.hypernetwork import Hypernetwork, apply_hypernetwork, context_widths, remove_hypernetwork
 
 
@@ -36,9 +36,8 @@ def _unet(sd15: bool):
 
     if not sd15:
         return UNet2DConditionModel(**tiny_configs("v1")["unet"]), 32
-    return UNet2DConditionModel(
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8
-    ), 768
+    config = sd15_config("unet")
+    return UNet2DConditionModel(**config), config["cross_attention_dim"]
 
 
 def _median_seconds(fn, repeats: int, device: torch.device) -> float:

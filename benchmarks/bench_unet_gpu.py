@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import BenchResult, machine, report, unavailable  # noqa: E402
+from benchmarks.common import BenchResult, machine, report, sd15_config, unavailable  # noqa: E402
 
 # Peak dense (no sparsity) fp16/bf16 tensor-core TFLOP/s by device name, first match wins (the more specific
 # names come first). Consumer cards are listed at fp32 accumulation, which is what autocast matmuls use.
@@ -53,26 +53,8 @@ TEXT_TOKENS = 77
 
 
 def sd15_unet_config() -> dict[str, Any]:
-    """The SD1.5 U-Net config (runwayml/stable-diffusion-v1-5 unet/config.json), for 512² images (64² latents)."""
-    return dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        center_input_sample=False,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        downsample_padding=1,
-        mid_block_scale_factor=1,
-        act_fn="silu",
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
+    """The SD1.5 U-Net config sdtool ships (runwayml/stable-diffusion-v1-5 unet/config.json), for 512² images."""
+    return sd15_config("unet")
 
 
 def tiny_unet_config() -> dict[str, Any]:

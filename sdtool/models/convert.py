@@ -9,9 +9,9 @@ from typing import Any, Literal
 from sdtool.console import info
 from sdtool.errors import SdtoolError, UsageError
 from sdtool.models.loading import ModelTypeArg, PredictionArg
+from sdtool.models.saving import SINGLE_FILE_EXTENSIONS
 
 TargetFormat = Literal["diffusers", "safetensors", "ckpt"]
-_EXTENSIONS: dict[str, TargetFormat] = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
 # modelspec keys that describe the written file itself, so a conversion recomputes them instead of copying them.
 _RECOMPUTED = (
     "modelspec.sai_model_spec",
@@ -35,7 +35,7 @@ class ConvertResult:
 def target_format(dst: str | Path, to: str | None = None) -> TargetFormat:
     """DST's format: `to` if given (it must agree with a checkpoint extension), else the extension; none → diffusers."""
     suffix = Path(dst).suffix.lower()
-    by_extension = _EXTENSIONS.get(suffix)
+    by_extension = SINGLE_FILE_EXTENSIONS.get(suffix)
     if to is None:
         if by_extension is not None:
             return by_extension

@@ -152,12 +152,17 @@ def _apply_table(state_dict: Mapping[str, Any], table: Table, prefix: str, what:
 
 def unet_to_ldm(state_dict: Mapping[str, Any], config: Mapping[str, Any], *, v2: bool) -> dict[str, Any]:
     """diffusers U-Net state_dict → LDM keys; transformer proj_in/out become linear for v2 and 1×1 convs for v1."""
-    out = _apply_table(state_dict, unet_table(config), UNET_PREFIX, "U-Net")
-    for key, value in out.items():
-        if key.endswith(("proj_in.weight", "proj_out.weight")):
-            if v2 and value.ndim == 4:
+    return fit_projections(_apply_table(state_dict, unet_table(config), UNET_PREFIX, "U-Net"), linear=v2)
+
+
+def fit_projections(state_dict: Mapping[str, Any], *, linear: bool) -> dict[str, Any]:
+    """LDM U-Net transformer proj_in/out as linear `[C, C]` weights (SD2) or 1×1 convs `[C, C, 1, 1]` (SD1)."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if key.startswith(UNET_PREFIX) and key.endswith(("proj_in.weight", "proj_out.weight")):
+            if linear and value.ndim == 4:
                 out[key] = value[:, :, 0, 0]
-            elif not v2 and value.ndim == 2:
+            elif not linear and value.ndim == 2:
                 out[key] = value[:, :, None, None]
     return out
 

@@ -170,7 +170,8 @@ def _folder_dtype(folder: Path) -> Any:
     """The float dtype of a local diffusers component's safetensors weights, read from the header only."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    # The file diffusers loads without a `variant`: `diffusion_pytorch_model.fp16.safetensors` beside it is not it.
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: (f.name.count("."), f.name)) if folder.is_dir() else []
     if not files:
         return None
     counts: dict[Any, int] = {}
@@ -320,7 +321,7 @@ def _components_from_ldm(
     try:
         if "unet" in components:
             unet_config = _json(config_dir / "unet" / "config.json")
-            weights = _fit_projections(state_dict, bool(unet_config.get("use_linear_projection")))
+            weights = ldm_keys.fit_projections(state_dict, linear=bool(unet_config.get("use_linear_projection")))
             loaded["unet"] = UNet2DConditionModel.from_single_file(
                 weights, config=cfg, subfolder="unet", torch_dtype=dtype
             )
@@ -345,18 +346,6 @@ def _components_from_ldm(
     if "tokenizer" in components:
         loaded["tokenizer"] = _tokenizer_for(config_dir, v2, explicit)
     return loaded
-
-
-def _fit_projections(state_dict: dict[str, Any], linear: bool) -> dict[str, Any]:
-    """SD2 files store transformer proj_in/out as linear weights, SD1 files as 1×1 convs: match the config's choice."""
-    out = dict(state_dict)
-    for key, value in state_dict.items():
-        if key.startswith("model.diffusion_model.") and key.endswith(("proj_in.weight", "proj_out.weight")):
-            if linear and value.ndim == 4:
-                out[key] = value[:, :, 0, 0]
-            elif not linear and value.ndim == 2:
-                out[key] = value[:, :, None, None]
-    return out
 
 
 def checked_tokenizer(tokenizer: Any, where: str) -> Any:

@@ -19,6 +19,13 @@ from sdtool.fsutil import atomic_path
 from sdtool.models.loading import SDModel
 
 SingleFileFormat = Literal["safetensors", "ckpt"]
+# The single-file format each writable extension stands for.
+SINGLE_FILE_EXTENSIONS: dict[str, SingleFileFormat] = {
+    ".safetensors": "safetensors",
+    ".ckpt": "ckpt",
+    ".pt": "ckpt",
+    ".pth": "ckpt",
+}
 MODELSPEC_VERSION = "1.0.1"
 # kohya's sd-scripts writes this for SD1/SD2 too; modelspec readers key on it.
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -108,7 +115,7 @@ def single_file_format(path: str | Path, fmt: str | None = None) -> SingleFileFo
     """`fmt` if given, else from the extension (.safetensors, .ckpt/.pt)."""
     if fmt is None:
         suffix = Path(path).suffix.lower()
-        fmt = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}.get(suffix)
+        fmt = SINGLE_FILE_EXTENSIONS.get(suffix)
         if fmt is None:
             raise UsageError(f"{path}: cannot tell the file format from {suffix or 'no extension'!r}")
     if fmt not in ("safetensors", "ckpt"):

@@ -39,3 +39,18 @@ def test_load_vae_from_model_and_from_vae_folder(tiny_v1, tmp_path):
     vae.save_pretrained(tmp_path / "vae-only")
     vae2 = load_vae(tmp_path / "vae-only")
     assert vae2.config.scaling_factor == vae.config.scaling_factor
+
+
+def test_source_dtype_is_that_of_the_weights_loaded_not_of_a_variant(tiny_v1, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_v1, tmp_path / "m")
+    weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    half = {k: v.half() for k, v in weights.items()}
+    save_file(half, folder / "unet" / "diffusion_pytorch_model.fp16.safetensors")  # a variant diffusers skips
+    m = load_model(folder, components=("unet",))
+    assert next(m.unet.parameters()).dtype == torch.float32
+    assert m.source_dtype == torch.float32
