@@ -29,14 +29,9 @@ def tiny_blip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tagger(tmp_path_factory) -> Path:
     """A WD14-layout ONNX tagger whose probabilities depend on the mean colour of the input (16×16 NHWC)."""
-    from sdtool.labeling.tiny import save_mean_tagger, write_selected_tags
-    from tests.labeling.conftest import WD14_ROWS, wd14_weights
+    from tests.labeling.conftest import save_wd14_tagger
 
-    folder = tmp_path_factory.mktemp("hardening") / "wd14"
-    weights, bias = wd14_weights()
-    save_mean_tagger(folder / "model.onnx", weights=weights, bias=bias, size=16)
-    write_selected_tags(folder / "selected_tags.csv", WD14_ROWS)
-    return folder
+    return save_wd14_tagger(tmp_path_factory.mktemp("hardening") / "wd14")
 
 
 def skip_lines(stderr: str) -> dict[str, str]:

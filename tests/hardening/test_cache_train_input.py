@@ -19,6 +19,7 @@ from sdtool.fsutil import leftover_temp_files
 from sdtool.metadata import read_metadata
 from tests.hardening.conftest import check_skips, check_tree, skip_lines
 from tests.hardening.corpus import Corpus
+from tests.train.conftest import dataset_toml, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -94,21 +95,12 @@ max_data_loader_n_workers = {workers}
 learning_rate = 1e-4
 optimizer_type = "AdamW"
 {extra}
-
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  metadata_file = "{meta}"
-  caption_extension = ".caption"
 """
 
 
 def train_config(tmp_path: Path, model: Path, meta: Path, steps: int, workers: int = 0, extra: str = "") -> Path:
-    path = tmp_path / "train.toml"
-    text = TRAIN_CONFIG.format(model=model, out=tmp_path / "out", meta=meta, steps=steps, workers=workers, extra=extra)
-    path.write_text(text, encoding="utf-8")
-    return path
+    text = TRAIN_CONFIG.format(model=model, out=tmp_path / "out", steps=steps, workers=workers, extra=extra)
+    return write_config(tmp_path / "train.toml", text + dataset_toml(meta, batch_size=2, caption_extension=".caption"))
 
 
 def test_uncached_training_names_and_drops_undecodable_images_before_the_first_step(

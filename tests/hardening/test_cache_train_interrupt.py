@@ -20,7 +20,7 @@ from sdtool import latents as lc
 from sdtool.fsutil import leftover_temp_files
 from sdtool.metadata import read_metadata
 from tests.hardening.test_interrupt import SEED, kill_group, make_dataset, run_to_end, start
-from tests.train.conftest import make_dataset as make_train_dataset
+from tests.train.conftest import write_train_config
 
 pytestmark = pytest.mark.slow
 
@@ -92,27 +92,12 @@ optimizer_type = "AdamW"
 save_every_n_steps = 1
 save_state = true
 {extra}
-
-[[datasets]]
-resolution = 64
-batch_size = 1
-  [[datasets.subsets]]
-  image_dir = "{images}"
-  metadata_file = "{meta}"
 """
 STEPS = 4
 
 
 def train_config(tmp_path: Path, model: Path, out: str, extra: str = "") -> Path:
-    data = tmp_path / "data"
-    if not data.exists():
-        make_train_dataset(data, 3)
-    text = TRAIN.format(
-        model=model, out=tmp_path / out, steps=STEPS, images=data / "images", meta=data / "meta.json", extra=extra
-    )
-    path = tmp_path / f"{out}.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_train_config(tmp_path, out, TRAIN, 3, model=model, steps=STEPS, extra=extra)
 
 
 def states(out: Path) -> dict[int, Path]:

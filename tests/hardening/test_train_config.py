@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import make_dataset
+from tests.train.conftest import dataset_toml, make_dataset, write_config
 
 CONFIG = """
 pretrained_model_name_or_path = "{model}"
@@ -22,14 +22,6 @@ max_train_steps = 2
 cache_latents = false
 max_data_loader_n_workers = 0
 {extra}
-
-[[datasets]]
-resolution = 64
-batch_size = 1
-  [[datasets.subsets]]
-  metadata_file = "{meta}"
-  image_dir = "{images}"
-{subset}
 """
 
 
@@ -54,12 +46,10 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return make_dataset(tmp_path_factory.mktemp("data") / "d", 2)
 
 
-def write(tmp_path: Path, model: Path, data: tuple[Path, Path], extra: str = "", subset: str = "", **paths) -> Path:
+def write(tmp_path: Path, model: Path, data: tuple[Path, Path], extra: str = "", subset=None, out=None) -> Path:
     images, meta = data
-    fields = {"model": model, "out": tmp_path / "out", "meta": meta, "images": images, **paths}
-    path = tmp_path / "train.toml"
-    path.write_text(CONFIG.format(extra=extra, subset=subset, **fields), encoding="utf-8")
-    return path
+    text = CONFIG.format(model=model, out=out or tmp_path / "out", extra=extra)
+    return write_config(tmp_path / "train.toml", text + dataset_toml(meta, images, **(subset or {})))
 
 
 def test_control_the_junk_model_fails_when_it_is_loaded(cli, tmp_path, junk_models, data):
@@ -96,7 +86,7 @@ CASES = {
     "safetensors vs ckpt": ('use_safetensors = true\nsave_model_as = "ckpt"', "use_safetensors", ("remove one",)),
     "unknown subset key": ("", "datasets[0].subsets[0].flipaug", ("did you mean 'flip_aug'",)),
 }
-SUBSET = {"unknown subset key": "  flipaug = true"}
+SUBSET = {"unknown subset key": {"flipaug": True}}
 OUTPUT_DIR = {"output_dir is a file": "file.txt"}
 
 
@@ -108,7 +98,7 @@ def test_bad_config_is_one_line_naming_the_key_and_the_fix_before_the_model_load
     (tmp_path / "file.txt").write_text("not a folder\n", encoding="utf-8")
     out = tmp_path / OUTPUT_DIR.get(case, "out")
     extra = text.format(tmp=tmp_path)
-    cfg = write(tmp_path, junk_models["v1"], data, extra=extra, subset=SUBSET.get(case, ""), out=out)
+    cfg = write(tmp_path, junk_models["v1"], data, extra=extra, subset=SUBSET.get(case), out=out)
     result = cli("train", cfg)
     assert result.exit_code == 2, (case, result.stderr)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -41,6 +41,16 @@ def wd14_weights() -> tuple[np.ndarray, np.ndarray]:
     return w / 255.0, b
 
 
+def save_wd14_tagger(folder: Path) -> Path:
+    """A WD14-layout mean tagger in `folder`: 16×16 NHWC input, selected_tags.csv in the interleaved order above."""
+    from sdtool.labeling.tiny import save_mean_tagger, write_selected_tags
+
+    w, b = wd14_weights()
+    save_mean_tagger(folder / "model.onnx", weights=w, bias=b, size=16)
+    write_selected_tags(folder / "selected_tags.csv", WD14_ROWS)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
     from sdtool.labeling.tiny import save_tiny_blip
@@ -58,13 +68,7 @@ def tiny_git(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wd14_tagger(tmp_path_factory) -> Path:
     """A WD14-layout folder: 16×16 NHWC input, selected_tags.csv in the interleaved order above."""
-    from sdtool.labeling.tiny import save_mean_tagger, write_selected_tags
-
-    folder = tmp_path_factory.mktemp("label") / "wd14"
-    w, b = wd14_weights()
-    save_mean_tagger(folder / "model.onnx", weights=w, bias=b, size=16)
-    write_selected_tags(folder / "selected_tags.csv", WD14_ROWS)
-    return folder
+    return save_wd14_tagger(tmp_path_factory.mktemp("label") / "wd14")
 
 
 @pytest.fixture(scope="session")

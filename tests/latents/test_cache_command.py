@@ -98,7 +98,7 @@ def test_native_entries_hold_the_vae_posterior_of_the_pixels(cli, tiny_v1, datas
 
 def test_kohya_format_equals_the_encoding_of_the_pixels(cli, sharp_v1, tmp_path):
     meta_path = make_dataset(tmp_path, relative=True)
-    result = cli(
+    args = (
         "cache",
         meta_path,
         "--model",
@@ -110,6 +110,7 @@ def test_kohya_format_equals_the_encoding_of_the_pixels(cli, sharp_v1, tmp_path)
         "--flip-aug",
         "--json",
     )
+    result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert _by_status(_json_lines(result.stdout)) == {"written": {n for n, _, _ in DEFAULT_IMAGES}}
     assert not (tmp_path / "meta.latents").exists()
@@ -128,18 +129,7 @@ def test_kohya_format_equals_the_encoding_of_the_pixels(cli, sharp_v1, tmp_path)
             np.testing.assert_allclose(z["latents_flipped"], fmean.numpy(), atol=1e-4)
         got = lc.load_latents(image, (bw, bh), flip_aug=True, expected_vae=lc.vae_fingerprint(sharp_v1))
         assert got.source == npz and got.std is None
-    again = cli(
-        "cache",
-        meta_path,
-        "--model",
-        sharp_v1,
-        "--image-dir",
-        tmp_path / "img",
-        "--format",
-        "kohya",
-        "--flip-aug",
-        "--json",
-    )
+    again = cli(*args)
     assert _by_status(_json_lines(again.stdout)) == {"kept": {n for n, _, _ in DEFAULT_IMAGES}}
 
 

@@ -43,8 +43,34 @@ def make_dataset(root: Path, n: int = 6, relative: bool = True) -> tuple[Path, P
 
 
 def write_config(path: Path, text: str) -> Path:
-    path.write_text(text)
+    """Write a config's text (UTF-8) and return its path."""
+    path.write_text(text, encoding="utf-8")
     return path
+
+
+def dataset_toml(meta: Path, images: Path | None = None, batch_size: int = 1, **subset: object) -> str:
+    """The `[[datasets]]` table the training tests share: resolution 64, one subset reading `meta` (and `images`).
+
+    Keyword arguments become keys of the subset, written as TOML literals.
+    """
+    lines = ["", "[[datasets]]", "resolution = 64", f"batch_size = {batch_size}", "  [[datasets.subsets]]"]
+    if images is not None:
+        lines.append(f'  image_dir = "{images}"')
+    lines.append(f'  metadata_file = "{meta}"')
+    lines += [f"  {key} = {json.dumps(value)}" for key, value in subset.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_train_config(tmp_path: Path, name: str, template: str, n_images: int, **fields: object) -> Path:
+    """`template` filled in (`out` is tmp_path/<name>) over a dataset made once under tmp_path/data, at batch size 1.
+
+    Written to tmp_path/<name>.toml; later calls under the same tmp_path reuse the first call's images.
+    """
+    data = tmp_path / "data"
+    if not data.exists():
+        make_dataset(data, n_images)
+    text = template.format(out=tmp_path / name, **fields) + dataset_toml(data / "meta.json", data / "images")
+    return write_config(tmp_path / f"{name}.toml", text)
 
 
 @pytest.fixture

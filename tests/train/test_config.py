@@ -9,7 +9,7 @@ import pytest
 
 from sdtool.errors import ConfigError
 from sdtool.train.config import load_config, parse_override
-from tests.train.conftest import write_config
+from tests.train.conftest import dataset_toml, write_config
 
 KOHYA = """
 [model_arguments]
@@ -30,20 +30,16 @@ optimizer_args = ["weight_decay=0.01", "betas=(0.9, 0.99)"]
 [general]
 shuffle_caption = true
 keep_tokens = 1
-
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = "{images}"
-  metadata_file = "{meta}"
-  num_repeats = 3
 """
+
+
+def kohya_text(model, images, meta) -> str:
+    return KOHYA.format(model=model) + dataset_toml(meta, images, batch_size=2, num_repeats=3)
 
 
 def kohya_config(tmp_path, tiny_v1, dataset, extra: str = "") -> object:
     images, meta = dataset
-    return write_config(tmp_path / "c.toml", extra + KOHYA.format(model=tiny_v1, images=images, meta=meta))
+    return write_config(tmp_path / "c.toml", extra + kohya_text(tiny_v1, images, meta))
 
 
 def test_kohya_sections_are_flattened_and_datasets_resolved(tmp_path, tiny_v1, dataset):
@@ -198,7 +194,7 @@ def test_two_attention_implementations_are_refused(tmp_path, tiny_v1, dataset):
 
 def test_missing_dataset_paths(tmp_path, tiny_v1, dataset):
     _images, _meta = dataset
-    text = KOHYA.format(model=tiny_v1, images=tmp_path / "noimages", meta=tmp_path / "nometa.json")
+    text = kohya_text(tiny_v1, tmp_path / "noimages", tmp_path / "nometa.json")
     problems = problems_of(write_config(tmp_path / "c.toml", text))
     assert any(p.startswith("datasets[0].subsets[0].metadata_file:") for p in problems)
     assert any(p.startswith("datasets[0].subsets[0].image_dir:") for p in problems)

@@ -7,7 +7,7 @@ import json
 from sdtool.buckets import cover_resize
 from sdtool.train.config import load_config
 from sdtool.train.dataset import BucketBatchSampler, TrainDataset, load_items
-from tests.train.conftest import make_dataset, write_config
+from tests.train.conftest import dataset_toml, make_dataset, write_config
 
 
 def config_for(tmp_path, tiny_v1, meta, images, extra=""):
@@ -17,14 +17,8 @@ output_dir = "out"
 save_model_as = "diffusers"
 cache_latents = false
 {extra}
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = "{images}"
-  metadata_file = "{meta}"
-  num_repeats = 2
 """
+    text += dataset_toml(meta, images, batch_size=2, num_repeats=2)
     return load_config(write_config(tmp_path / "c.toml", text))
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdtool.hypernetwork import Hypernetwork, apply_hypernetwork, context_widths, remove_hypernetwork
-from tests.train.conftest import make_dataset, write_config
+from tests.train.conftest import write_config, write_train_config
 
 CONFIG = """
 pretrained_model_name_or_path = "{model}"
@@ -26,13 +26,6 @@ learning_rate = {lr}
 optimizer_type = "AdamW"
 train_hypernetwork = true
 {extra}
-
-[[datasets]]
-resolution = 64
-batch_size = 1
-  [[datasets.subsets]]
-  image_dir = "{images}"
-  metadata_file = "{meta}"
 """
 A1111_META = {
     "layer_structure",
@@ -51,12 +44,7 @@ A1111_META = {
 
 
 def config(tmp_path: Path, model: Path, out: str, steps: int, lr: float = 1e-3, extra: str = "", n: int = 1) -> Path:
-    data = tmp_path / "data"
-    if not data.exists():
-        make_dataset(data, n)
-    images, meta = data / "images", data / "meta.json"
-    text = CONFIG.format(model=model, out=tmp_path / out, steps=steps, lr=lr, images=images, meta=meta, extra=extra)
-    return write_config(tmp_path / f"{out}.toml", text)
+    return write_train_config(tmp_path, out, CONFIG, n, model=model, steps=steps, lr=lr, extra=extra)
 
 
 def folder_digest(folder: Path) -> str:

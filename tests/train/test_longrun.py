@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import make_dataset, write_config
+from tests.train.conftest import write_train_config
 
 CONFIG = """
 pretrained_model_name_or_path = "{model}"
@@ -35,25 +35,13 @@ gradient_accumulation_steps = 2
 flip_aug = true
 shuffle_caption = true
 caption_tag_dropout_rate = 0.2
-
-[[datasets]]
-resolution = 64
-batch_size = 1
-  [[datasets.subsets]]
-  image_dir = "{images}"
-  metadata_file = "{meta}"
 """
 # 3 images (two 64x64, one 64x128) at batch size 1 and accumulation 2: 3 batches, 2 optimizer steps per epoch
 # (accelerate syncs on the epoch's last batch), so odd steps end mid-epoch.
 
 
 def config(tmp_path: Path, model: Path, out: str, steps: int, extra: str = "") -> Path:
-    data = tmp_path / "data"
-    if not data.exists():
-        make_dataset(data, 3)
-    images, meta = data / "images", data / "meta.json"
-    text = CONFIG.format(model=model, out=tmp_path / out, steps=steps, images=images, meta=meta, extra=extra)
-    return write_config(tmp_path / f"{out}.toml", text)
+    return write_train_config(tmp_path, out, CONFIG, 3, model=model, steps=steps, extra=extra)
 
 
 def metrics(out: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import make_dataset, write_config
+from tests.train.conftest import dataset_toml, make_dataset, write_config
 
 CONFIG = """
 [model_arguments]
@@ -39,14 +39,12 @@ lr_warmup_steps = 1
 shuffle_caption = true
 keep_tokens = 1
 flip_aug = true
-
-[[datasets]]
-resolution = 64
-batch_size = 2
-  [[datasets.subsets]]
-  image_dir = "{images}"
-  metadata_file = "{meta}"
 """
+
+
+def config_text(model, out, steps, images, meta, precision, workers) -> str:
+    text = CONFIG.format(model=model, out=out, steps=steps, precision=precision, workers=workers)
+    return text + dataset_toml(meta, images, batch_size=2)
 
 
 def state(module) -> dict[str, torch.Tensor]:
@@ -56,9 +54,7 @@ def state(module) -> dict[str, torch.Tensor]:
 def train(cli, tmp_path, model, steps=10, precision="fp16", workers=0, extra=()):
     images, meta = make_dataset(tmp_path / "data", 2)
     out = tmp_path / "out"
-    text = CONFIG.format(
-        model=model, out=out, steps=steps, images=images, meta=meta, precision=precision, workers=workers
-    )
+    text = config_text(model, out, steps, images, meta, precision, workers)
     result = cli("train", write_config(tmp_path / "config.toml", text), *extra)
     assert result.exit_code == 0, result.stderr
     return out, result
@@ -137,9 +133,7 @@ def test_v2_trains_as_v_prediction_without_being_told(cli, tmp_path, tiny_v2):
 @pytest.mark.slow
 def test_explicit_contradiction_of_the_model_is_an_error(cli, tmp_path, tiny_v2):
     images, meta = make_dataset(tmp_path / "data", 2)
-    text = CONFIG.format(
-        model=tiny_v2, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
-    )
+    text = config_text(tiny_v2, tmp_path / "o", 1, images, meta, "float", 0)
     result = cli("train", write_config(tmp_path / "c.toml", text), "--set", "v_parameterization=false")
     assert result.exit_code == 2 and "v_parameterization" in result.stderr
 
@@ -155,9 +149,7 @@ def test_same_seed_same_run_with_and_without_workers(cli, tmp_path, tiny_v1):
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_and_trains_nothing(cli, tmp_path, tiny_v1):
     images, meta = make_dataset(tmp_path / "data", 3)
-    text = CONFIG.format(
-        model=tiny_v1, out=tmp_path / "o", steps=5, images=images, meta=meta, precision="float", workers=0
-    )
+    text = config_text(tiny_v1, tmp_path / "o", 5, images, meta, "float", 0)
     result = cli("train", write_config(tmp_path / "c.toml", text), "--dry-run")
     assert result.exit_code == 0, result.stderr
     assert "64x128" in result.stderr and "steps per epoch" in result.stderr and "memory estimate" in result.stderr
