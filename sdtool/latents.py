@@ -33,7 +33,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from sdtool.errors import ImageError, InputError, ModelError, SdtoolError, UsageError
 
@@ -246,6 +246,18 @@ def _is_encoder_key(name: str) -> bool:
     return name.startswith(("encoder.", "quant_conv."))
 
 
+def _read_safetensors_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The JSON header of an open safetensors file and the offset where its tensor data starts.
+
+    Raises ValueError (JSON and UTF-8 errors are ValueErrors) or struct.error for a file that is not one.
+    """
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > 100_000_000:  # safetensors' own limit: refuse before reading a bogus length
+        raise ValueError("header too large")
+    header = json.loads(f.read(header_len))
+    return header, 8 + header_len
+
+
 def _safetensors_encoder_digest(path: Path) -> str:
     """sha256 over the sorted per-tensor digests (dtype + raw bytes) of the encoder and quant_conv tensors.
 
@@ -255,11 +267,9 @@ def _safetensors_encoder_digest(path: Path) -> str:
     """
     with open(path, "rb") as f:
         try:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header, base = _read_safetensors_header(f)
+        except (ValueError, struct.error) as exc:
             raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
-        base = 8 + header_len
         tensors = sorted(
             ((name, info) for name, info in header.items() if name != "__metadata__" and _is_encoder_key(name)),
             key=lambda item: item[1]["data_offsets"][0],
@@ -465,10 +475,7 @@ def read_native_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(header_len))
+            header, _ = _read_safetensors_header(f)
         meta = header.get("__metadata__") or {}
         if meta.get("sdtool_latents") != RECORD_VERSION:
             raise ValueError("not an sdtool latent entry")
