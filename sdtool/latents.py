@@ -255,6 +255,8 @@ def _read_safetensors_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
     if header_len > 100_000_000:  # safetensors' own limit: refuse before reading a bogus length
         raise ValueError("header too large")
     header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
     return header, 8 + header_len
 
 

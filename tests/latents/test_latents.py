@@ -143,6 +143,15 @@ def test_vae_fingerprint_errors(tmp_path):
         lc.vae_fingerprint(tmp_path / "x.safetensors")
 
 
+def test_safetensors_header_that_is_not_an_object_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]")
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        lc.vae_fingerprint(bogus)
+    with pytest.raises(lc.LatentCacheError, match="unreadable cache entry"):
+        lc.read_native_record(bogus)
+
+
 # --- native entries and load_latents -------------------------------------------------------------------------------
 
 
