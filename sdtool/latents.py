@@ -98,14 +98,6 @@ def latent_shape(bucket: tuple[int, int]) -> tuple[int, int, int]:
     return (4, int(bucket[1]) // 8, int(bucket[0]) // 8)
 
 
-def cover_resize(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
-    """CONTRACT §E's cover-scale rule: the resized size that covers `bucket` (used when metadata lacks it)."""
-    w, h = image_size
-    bw, bh = bucket
-    scale = bh / h if w / h > bw / bh else bw / w
-    return int(w * scale + 0.5), int(h * scale + 0.5)
-
-
 def _int_tuple(value: Any, n: int, name: str, where: str | Path) -> tuple[int, ...]:
     try:
         items = tuple(int(v) for v in value)
@@ -122,6 +114,7 @@ def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | Non
     Raises MissingBucketError without `train_resolution`, InputError for malformed fields, ImageError when the
     header has to be read and cannot be.
     """
+    from sdtool.buckets import cover_resize
     from sdtool.images import read_size
     from sdtool.pixels import crop_ltrb
 
@@ -140,7 +133,7 @@ def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | Non
     if fields.get("resized_size") is not None:
         rw, rh = _int_tuple(fields["resized_size"], 2, "resized_size", where)
     else:
-        rw, rh = cover_resize((w, h), (bw, bh))
+        (rw, rh), _ = cover_resize((w, h), (bw, bh))
     try:
         centre = crop_ltrb((rw, rh), (bw, bh))
     except ValueError as exc:
