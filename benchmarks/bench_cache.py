@@ -41,13 +41,13 @@ def make_images(folder: Path, n: int, size: tuple[int, int], bucket: tuple[int, 
     import numpy as np
     from PIL import Image
 
-    from sdtool.latents import cover_resize
+    from sdtool.buckets import cover_resize
     from sdtool.pixels import crop_ltrb
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     w, h = size
-    resized = cover_resize(size, bucket)
+    resized, _ = cover_resize(size, bucket)
     meta = {}
     for i in range(n):
         y, x = np.mgrid[0:h, 0:w]

@@ -116,8 +116,7 @@ def bucket_images(
         return outcome
 
     if n_workers <= 1 or len(paths) <= 1:
-        outcomes: Iterable[tuple[BucketedImage | None, str | None, list[tuple[Path, str]]]] = map(work, paths)
-        collected = list(outcomes)
+        collected = [work(path) for path in paths]
     else:
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="sdtool-bucket")
         try:

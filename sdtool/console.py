@@ -166,7 +166,7 @@ class SkipReporter:
         with self._lock:
             self.done += n
 
-    def extend(self, items: Iterable[tuple[str, str]]) -> None:
+    def extend(self, items: Iterable[tuple[str | Path, str]]) -> None:
         for path, reason in items:
             self.skip(path, reason)
 

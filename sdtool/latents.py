@@ -33,7 +33,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from sdtool.errors import ImageError, InputError, ModelError, SdtoolError, UsageError
 
@@ -98,14 +98,6 @@ def latent_shape(bucket: tuple[int, int]) -> tuple[int, int, int]:
     return (4, int(bucket[1]) // 8, int(bucket[0]) // 8)
 
 
-def cover_resize(image_size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
-    """CONTRACT §E's cover-scale rule: the resized size that covers `bucket` (used when metadata lacks it)."""
-    w, h = image_size
-    bw, bh = bucket
-    scale = bh / h if w / h > bw / bh else bw / w
-    return int(w * scale + 0.5), int(h * scale + 0.5)
-
-
 def _int_tuple(value: Any, n: int, name: str, where: str | Path) -> tuple[int, ...]:
     try:
         items = tuple(int(v) for v in value)
@@ -122,6 +114,7 @@ def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | Non
     Raises MissingBucketError without `train_resolution`, InputError for malformed fields, ImageError when the
     header has to be read and cannot be.
     """
+    from sdtool.buckets import cover_resize
     from sdtool.images import read_size
     from sdtool.pixels import crop_ltrb
 
@@ -140,7 +133,7 @@ def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | Non
     if fields.get("resized_size") is not None:
         rw, rh = _int_tuple(fields["resized_size"], 2, "resized_size", where)
     else:
-        rw, rh = cover_resize((w, h), (bw, bh))
+        (rw, rh), _ = cover_resize((w, h), (bw, bh))
     try:
         centre = crop_ltrb((rw, rh), (bw, bh))
     except ValueError as exc:
@@ -246,6 +239,20 @@ def _is_encoder_key(name: str) -> bool:
     return name.startswith(("encoder.", "quant_conv."))
 
 
+def _read_safetensors_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    """The JSON header of an open safetensors file and the offset where its tensor data starts.
+
+    Raises ValueError (JSON and UTF-8 errors are ValueErrors) or struct.error for a file that is not one.
+    """
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > 100_000_000:  # safetensors' own limit: refuse before reading a bogus length
+        raise ValueError("header too large")
+    header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, 8 + header_len
+
+
 def _safetensors_encoder_digest(path: Path) -> str:
     """sha256 over the sorted per-tensor digests (dtype + raw bytes) of the encoder and quant_conv tensors.
 
@@ -255,11 +262,9 @@ def _safetensors_encoder_digest(path: Path) -> str:
     """
     with open(path, "rb") as f:
         try:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header, base = _read_safetensors_header(f)
+        except (ValueError, struct.error) as exc:
             raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
-        base = 8 + header_len
         tensors = sorted(
             ((name, info) for name, info in header.items() if name != "__metadata__" and _is_encoder_key(name)),
             key=lambda item: item[1]["data_offsets"][0],
@@ -465,10 +470,7 @@ def read_native_record(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(header_len))
+            header, _ = _read_safetensors_header(f)
         meta = header.get("__metadata__") or {}
         if meta.get("sdtool_latents") != RECORD_VERSION:
             raise ValueError("not an sdtool latent entry")

@@ -169,125 +169,107 @@ def run_cache(
     """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
-    ranks = _Ranks.start()
-    try:
-        return _run_cache(metadata_path, model, vae, image_dir, options, output, skips, vae_module, ranks)
-    finally:
-        ranks.close()
-
-
-def _run_cache(
-    metadata_path: str | Path,
-    model: str | None,
-    vae: str | None,
-    image_dir: str | Path | None,
-    options: CacheOptions,
-    output: Output,
-    skips: SkipReporter,
-    vae_module: Any,
-    ranks: _Ranks,
-) -> CacheSummary:
-    main_output, main_skips = output, skips
-    if not ranks.main:
-        # Every rank plans the same work; rank 0 alone reports the planning, so the others discard theirs.
-        output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
-    metadata_path = Path(metadata_path)
-    cache_dir = Path(options.cache_dir) if options.cache_dir is not None else lc.default_cache_dir(metadata_path)
-    items, problems = lc.plan_items(metadata_path, image_dir)
-    summary = CacheSummary()
-    for path, reason in problems:
-        skips.skip(path, reason)
-        output.record({"path": path, "status": "skipped", "reason": reason})
-    summary.skipped += len(problems)
-    if options.fmt == "kohya":
-        items = _drop_npz_collisions(items, output, summary, skips)
-
-    vae_source = str(vae if vae is not None else model)
-    try:
-        fingerprint: str | None = lc.vae_fingerprint(vae_source)
-    except SdtoolError as exc:
-        # A hub model that is not downloaded yet: it is fingerprinted after loading fetches it.
-        debug(f"VAE fingerprint before loading failed: {exc.one_line()}")
-        fingerprint = None
-
-    todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
-    if not todo:
-        info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
-        return summary
-
-    import torch
-
-    from sdtool.runtime import resolve_device, torch_dtype
-
-    device = resolve_device(ranks.device(options.device))
-    precision = options.precision or "fp32"
-    dtype = torch_dtype(precision)
-    if vae_module is None:
-        vae_module = load_cache_vae(model, vae, dtype, device)
-    memory_format = conv_memory_format(device)
-    vae_module = vae_module.to(memory_format=memory_format)
-    if fingerprint is None:
-        fingerprint = lc.vae_fingerprint(vae_source)
-        todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
-
-    if options.fmt == "sdtool":
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    if ranks.main:  # only while no rank writes: a leftover temp file could otherwise be another rank's live write
-        if options.fmt == "sdtool":
-            _remove_temp_files(cache_dir, f".*{TEMP_SUFFIX}")
-        else:
-            for folder in {item.image_path.parent for item in todo}:
-                _remove_temp_files(folder, f".*.npz.*{TEMP_SUFFIX}")
-    # No rank writes before every rank has chosen its work from the same, unchanged cache.
-    ranks.barrier()
-
-    workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
-    batches = bucket_batches(todo, options.batch_size)
-    info(
-        f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
-        + (f", {ranks.size} processes" if ranks.size > 1 else "")
-        + (f", {summary.kept} up to date" if summary.kept else "")
-    )
-    mine = batches[ranks.rank :: ranks.size]
-    if not ranks.main:
-        # What this rank writes and skips goes to rank 0 at the end (see _Ranks.gather).
-        output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
-        summary = CacheSummary()
-    writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
-    # Checks and atomic (fsynced) writes run on one writer thread, in order, while the VAE encodes the next batch;
-    # at most a few batches of results wait there, so memory stays bounded.
-    pending: deque[Future[None]] = deque()
-    with (
-        progress_bar("cache", sum(len(b) for b in mine)) as advance,
-        torch.inference_mode(),
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtool-write") as write_pool,
-    ):
-        for loaded in prefetch_batches(mine, options.interpolation, workers, ahead=max(2, workers)):
-            good = []
-            for entry in loaded:
-                if entry.error is not None:
-                    pending.append(write_pool.submit(writer.skip, entry.item, entry.error))
-                else:
-                    good.append(entry)
-            if good:
-                mean, std = _encode(vae_module, good, options.flip_aug, device, dtype, memory_format)
-                for i, entry in enumerate(good):
-                    pending.append(write_pool.submit(writer.write, entry, mean, std, i, len(good)))
-            while len(pending) > 4 * options.batch_size:
-                pending.popleft().result()  # re-raises a failed write here
-            advance(len(loaded))
-        while pending:
-            pending.popleft().result()
-    if ranks.size > 1:
-        summary = ranks.gather(summary, output, skips, main_output, main_skips)
+    with _Ranks.start() as ranks:
+        main_output, main_skips = output, skips
         if not ranks.main:
+            # Every rank plans the same work; rank 0 alone reports the planning, so the others discard theirs.
+            output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
+        metadata_path = Path(metadata_path)
+        cache_dir = Path(options.cache_dir) if options.cache_dir is not None else lc.default_cache_dir(metadata_path)
+        items, problems = lc.plan_items(metadata_path, image_dir)
+        summary = CacheSummary()
+        for path, reason in problems:
+            skips.skip(path, reason)
+            output.record({"path": path, "status": "skipped", "reason": reason})
+        summary.skipped += len(problems)
+        if options.fmt == "kohya":
+            items = _drop_npz_collisions(items, output, summary, skips)
+
+        vae_source = str(vae if vae is not None else model)
+        try:
+            fingerprint: str | None = lc.vae_fingerprint(vae_source)
+        except SdtoolError as exc:
+            # A hub model that is not downloaded yet: it is fingerprinted after loading fetches it.
+            debug(f"VAE fingerprint before loading failed: {exc.one_line()}")
+            fingerprint = None
+
+        todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
+        if not todo:
+            info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
             return summary
-    if summary.nonfinite:
-        raise NonFiniteError(
-            f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; they were not written",
-            hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
+
+        import torch
+
+        from sdtool.runtime import resolve_device, torch_dtype
+
+        device = resolve_device(ranks.device(options.device))
+        precision = options.precision or "fp32"
+        dtype = torch_dtype(precision)
+        if vae_module is None:
+            vae_module = load_cache_vae(model, vae, dtype, device)
+        memory_format = conv_memory_format(device)
+        vae_module = vae_module.to(memory_format=memory_format)
+        if fingerprint is None:
+            fingerprint = lc.vae_fingerprint(vae_source)
+            todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
+
+        if options.fmt == "sdtool":
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        if ranks.main:  # only while no rank writes: a leftover temp file could otherwise be another rank's live write
+            if options.fmt == "sdtool":
+                _remove_temp_files(cache_dir, f".*{TEMP_SUFFIX}")
+            else:
+                for folder in {item.image_path.parent for item in todo}:
+                    _remove_temp_files(folder, f".*.npz.*{TEMP_SUFFIX}")
+        # No rank writes before every rank has chosen its work from the same, unchanged cache.
+        ranks.barrier()
+
+        workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
+        batches = bucket_batches(todo, options.batch_size)
+        info(
+            f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
+            + (f", {ranks.size} processes" if ranks.size > 1 else "")
+            + (f", {summary.kept} up to date" if summary.kept else "")
         )
-    return summary
+        mine = batches[ranks.rank :: ranks.size]
+        if not ranks.main:
+            # What this rank writes and skips goes to rank 0 at the end (see _Ranks.gather).
+            output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
+            summary = CacheSummary()
+        writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
+        # Checks and atomic (fsynced) writes run on one writer thread, in order, while the VAE encodes the next batch;
+        # at most a few batches of results wait there, so memory stays bounded.
+        pending: deque[Future[None]] = deque()
+        with (
+            progress_bar("cache", sum(len(b) for b in mine)) as advance,
+            torch.inference_mode(),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtool-write") as write_pool,
+        ):
+            for loaded in prefetch_batches(mine, options.interpolation, workers, ahead=max(2, workers)):
+                for entry in loaded:
+                    if entry.error is not None:
+                        pending.append(write_pool.submit(writer.skip, entry.item, entry.error))
+                good = [entry for entry in loaded if entry.error is None]
+                if good:
+                    mean, std = _encode(vae_module, good, options.flip_aug, device, dtype, memory_format)
+                    for i, entry in enumerate(good):
+                        pending.append(write_pool.submit(writer.write, entry, mean, std, i, len(good)))
+                while len(pending) > 4 * options.batch_size:
+                    pending.popleft().result()  # re-raises a failed write here
+                advance(len(loaded))
+            while pending:
+                pending.popleft().result()
+        if ranks.size > 1:
+            summary = ranks.gather(summary, output, skips, main_output, main_skips)
+            if not ranks.main:
+                return summary
+        if summary.nonfinite:
+            raise NonFiniteError(
+                f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; "
+                "they were not written",
+                hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
+            )
+        return summary
 
 
 class _QuietSkips(SkipReporter):
@@ -323,6 +305,12 @@ class _Ranks:
                 dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.size)
                 ranks.owns_group = True
         return ranks
+
+    def __enter__(self) -> _Ranks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.owns_group:

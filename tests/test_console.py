@@ -7,8 +7,14 @@ import json
 
 import pytest
 
-from sdtool.console import Output, SkipReporter
+from sdtool.console import NORMAL, Output, SkipReporter, set_verbosity
 from sdtool.errors import StrictModeError
+
+
+@pytest.fixture(autouse=True)
+def normal_verbosity():
+    # In-process CLI tests (`-q`) leave the module-level verbosity behind in the same worker.
+    set_verbosity(NORMAL)
 
 
 def test_output_plain_and_json():

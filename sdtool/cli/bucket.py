@@ -125,10 +125,8 @@ def command(
         )
 
     reporter = SkipReporter(strict=strict)
-    for path, reason in scan.skipped:
-        reporter.skip(path, reason)
-    for path, reason in scan.sidecar_problems:
-        reporter.skip(path, reason)
+    reporter.extend(scan.skipped)
+    reporter.extend(scan.sidecar_problems)
     reporter.ok(len(scan.images))
 
     # --- build and write the metadata --------------------------------------------------------------------------------

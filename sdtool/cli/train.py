@@ -51,10 +51,7 @@ def command(
     )
     if process_rank() != 0:
         mute_secondary_process()  # only rank 0 reports; errors still come from every rank
-    from sdtool.runtime import quiet_third_party
     from sdtool.train.config import load_config
-
-    quiet_third_party()
 
     try:
         cfg = load_config(config, set_ or [])

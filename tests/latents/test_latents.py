@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdtool import latents as lc
+from sdtool.buckets import cover_resize
 from sdtool.errors import ModelError
 from tests import imagegen
 from tests.latents.conftest import entry
@@ -31,7 +32,7 @@ from tests.latents.conftest import entry
     ],
 )
 def test_cover_resize_matches_the_contract_worked_cases(size, bucket, resized):
-    assert lc.cover_resize(size, bucket) == resized
+    assert cover_resize(size, bucket)[0] == resized
 
 
 def test_placement_from_kohya_entry_computes_resize_and_centre_crop():
@@ -141,6 +142,15 @@ def test_vae_fingerprint_errors(tmp_path):
     save_file({"unet.weight": torch.ones(2)}, tmp_path / "x.safetensors")
     with pytest.raises(ModelError, match="no VAE encoder weights"):
         lc.vae_fingerprint(tmp_path / "x.safetensors")
+
+
+def test_safetensors_header_that_is_not_an_object_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]")
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        lc.vae_fingerprint(bogus)
+    with pytest.raises(lc.LatentCacheError, match="unreadable cache entry"):
+        lc.read_native_record(bogus)
 
 
 # --- native entries and load_latents -------------------------------------------------------------------------------
