@@ -8,14 +8,14 @@ import pytest
 
 from tests.latents.conftest import _copy_with_vae
 from tests.train.conftest import make_dataset, write_config
-from tests.train.test_train import CONFIG
+from tests.train.test_train import config_text
 
 pytestmark = pytest.mark.slow
 
 
 def _config(tmp_path, model, steps=8, extra=""):
     images, meta = make_dataset(tmp_path / "data", 4)
-    text = CONFIG.format(
+    text = config_text(
         model=model, out=tmp_path / "out", steps=steps, images=images, meta=meta, precision="fp16", workers=0
     )
     text = text.replace("cache_latents = false", "cache_latents = true")

@@ -15,7 +15,7 @@ from sdtool.launch import LaunchOptions, check_launch, launch_argv
 from sdtool.train.distributed import Shard, ShardedBatchSampler, split_batch
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import make_dataset, write_config
-from tests.train.test_train import CONFIG
+from tests.train.test_train import config_text
 
 
 def sampler_for(tmp_path, n_images: int, global_batch: int):
@@ -23,7 +23,7 @@ def sampler_for(tmp_path, n_images: int, global_batch: int):
     from sdtool.train.dataset import BucketBatchSampler, load_items
 
     images, meta = make_dataset(tmp_path / "data", n_images)
-    text = CONFIG.format(
+    text = config_text(
         model=tmp_path, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
     )
     cfg = load_config(write_config(tmp_path / "c.toml", text), [])
@@ -75,7 +75,7 @@ def test_plan_counts_global_batches_processes_and_accumulation(tmp_path, monkeyp
     from sdtool.train.recipe import make_plan
 
     images, meta = make_dataset(tmp_path / "data", 7)  # 5 square + 2 tall
-    text = CONFIG.format(
+    text = config_text(
         model=tmp_path, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
     )
     config = write_config(tmp_path / "c.toml", text)
@@ -144,7 +144,7 @@ def test_deepspeed_without_the_package_is_a_clear_error(tmp_path, monkeypatch, c
 
 def test_cli_launch_options_are_checked_before_anything_starts(cli, tmp_path, tiny_v1):
     images, meta = make_dataset(tmp_path / "data", 2)
-    text = CONFIG.format(
+    text = config_text(
         model=tiny_v1, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
     )
     result = cli("train", write_config(tmp_path / "c.toml", text), "--num-processes", "2", "--num-machines", "2")
@@ -157,7 +157,7 @@ def test_cli_launch_options_are_checked_before_anything_starts(cli, tmp_path, ti
 def _config(tmp_path, model, name, batch_size, steps=4):
     # SGD: Adam's normalisation would blow float-order noise in near-zero gradients up to ±lr per step.
     images, meta = make_dataset(tmp_path / "data", 5)  # 4 square + 1 tall: the tall bucket's batch is short
-    text = CONFIG.format(
+    text = config_text(
         model=model, out=tmp_path / name, steps=steps, images=images, meta=meta, precision="float", workers=0
     )
     text = text.replace('"AdamW8bit"', '"SGDNesterov"').replace("batch_size = 2", f"batch_size = {batch_size}")
@@ -227,7 +227,7 @@ def test_num_processes_launches_through_accelerate(sdtool_proc, tmp_path, tiny_v
 
 def test_kohya_deepspeed_keys_point_to_the_accelerate_config(cli, tmp_path):
     images, meta = make_dataset(tmp_path / "data", 2)
-    text = CONFIG.format(
+    text = config_text(
         model=tmp_path, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
     )
     result = cli("train", write_config(tmp_path / "c.toml", text), "--set", "zero_stage=2", "--dry-run")
