@@ -138,7 +138,9 @@ def report(
     info = info if info is not None else machine()
     # A pipe or a log file gets rich's 80 columns by default, which wraps every note; give the table room.
     console = console or Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-    table = Table(title=f"sdtool benchmarks — {describe_machine(info)}", title_justify="left")
+    # The machine line goes above the table, unwrapped: as the table's title it would wrap at the table's width.
+    console.print(f"sdtool benchmarks — {describe_machine(info)}", soft_wrap=True, markup=False)
+    table = Table()
     for column, justify in [
         ("benchmark", "left"),
         ("sdtool", "right"),

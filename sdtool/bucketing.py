@@ -18,6 +18,7 @@ from sdtool.buckets import BucketAssignment, BucketError, BucketSettings, Size, 
 from sdtool.errors import ImageError, InputError
 from sdtool.images import read_size
 from sdtool.metadata import ImageResolver, Metadata, merge_metadata
+from sdtool.runtime import usable_cpus
 
 BUCKET_FIELDS = ("image_size", "train_resolution", "resized_size", "crop_ltrb", "bucket_settings")
 
@@ -90,7 +91,7 @@ def default_workers() -> int:
     Header parsing holds the GIL, so with warm files more threads than cores only contend; on slow or network
     disks, where reads wait on I/O, a larger `--workers` pays off.
     """
-    return os.cpu_count() or 1
+    return usable_cpus()
 
 
 def bucket_images(

@@ -72,13 +72,34 @@ a blue square on a black background --w 128 --h 128 --d 2 --s 8 --l 5 --n stripe
 """
 
 
-def run_demo(folder: Path | None = None, device: str = "cpu") -> Path:
+# Marks a folder as the demo's own, so `--overwrite` never deletes anything else.
+MARKER = ".sdtool-demo"
+
+
+def prepare_folder(root: Path, overwrite: bool) -> None:
+    """Make `root` an empty folder: new, empty, or (with `overwrite`) a previous demo's folder, replaced."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root} is not a folder", hint="pass --dir with a new or empty folder")
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{root} is not empty", hint="pass --overwrite to replace an earlier demo, or a new --dir")
+        if not (root / MARKER).is_file():
+            raise UsageError(
+                f"{root} is not empty and was not written by sdtool demo; --overwrite replaces only a demo's folder",
+                hint="pass --dir with a new or empty folder",
+            )
+        import shutil
+
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("written by sdtool demo; `sdtool demo --overwrite` may replace this folder\n")
+
+
+def run_demo(folder: Path | None = None, device: str = "cpu", overwrite: bool = False) -> Path:
     """Run every step; return the folder holding everything the demo wrote."""
     started = time.perf_counter()
     root = (folder or Path("sdtool-demo")).absolute()
-    if root.exists() and any(root.iterdir()):
-        raise UsageError(f"{root} is not empty", hint="pass --dir with a new or empty folder")
-    root.mkdir(parents=True, exist_ok=True)
+    prepare_folder(root, overwrite)
     if device == "cpu":
         import torch
 

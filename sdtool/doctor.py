@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sdtool.runtime import usable_cpus
+
 Status = Literal["ok", "warn", "fail"]
 LOW_DISK_BYTES = 10 * 1024**3
 
@@ -63,7 +65,12 @@ def check_torch_cpu() -> Check:
     b = a @ a.T
     ok = bool(torch.isfinite(b).all())
     threads = torch.get_num_threads()
-    return Check("cpu", "ok" if ok else "fail", f"matmul ok, {threads} threads, {os.cpu_count()} cores", required=True)
+    return Check(
+        "cpu",
+        "ok" if ok else "fail",
+        f"matmul ok, {threads} threads, {usable_cpus()} usable cores of {os.cpu_count()}",
+        required=True,
+    )
 
 
 def check_cuda() -> list[Check]:

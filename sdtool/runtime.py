@@ -30,6 +30,14 @@ def quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity mask (taskset, cgroup cpusets), not the machine's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def resolve_device(device: str = "auto") -> Any:
     """`auto` → cuda when available, else mps, else cpu; `cuda` without CUDA is an error, not a fallback."""
     import torch

@@ -13,7 +13,6 @@ alone reports, after gathering what the other ranks wrote and skipped.
 from __future__ import annotations
 
 import io
-import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +24,7 @@ from sdtool import latents as lc
 from sdtool.console import Output, SkipReporter, debug, info, progress_bar
 from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
 from sdtool.fsutil import TEMP_SUFFIX
+from sdtool.runtime import usable_cpus
 
 
 @dataclass
@@ -224,7 +224,7 @@ def run_cache(
         # No rank writes before every rank has chosen its work from the same, unchanged cache.
         ranks.barrier()
 
-        workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
+        workers = options.workers if options.workers is not None else usable_cpus()
         batches = bucket_batches(todo, options.batch_size)
         info(
             f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"

@@ -21,11 +21,16 @@ def test_speedup_and_report_json_lines():
     ]
     assert (rows[0].ratio, rows[0].met) == (4.0, True)
     assert (rows[1].ratio, rows[1].met) == (2.0, False)
-    info = machine()
-    assert info["cores"] >= 1 and info["cpu"] and "torch" in info
-    out, console_file = io.StringIO(), io.StringIO()
+    assert machine()["cores"] >= 1 and machine()["cpu"] and "torch" in machine()
+    # A long CPU name on a narrow console: the machine line must still come out whole, on any machine.
+    info = {"cpu": "Intel(R) Xeon(R) Platinum 8480+ Processor @ 2.00GHz", "cores": 224, "torch": "2.13.0+cu130"}
+    info |= {"cuda_device": "NVIDIA H200 (139 GiB)"}
     from rich.console import Console
 
+    narrow = io.StringIO()
+    report(rows, info=info, console=Console(file=narrow, width=60))
+    assert describe_machine(info) in narrow.getvalue()
+    out, console_file = io.StringIO(), io.StringIO()
     report(rows, json_lines=True, info=info, out=out, console=Console(file=console_file, width=200))
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [d["name"] for d in lines] == ["fast", "slow", "gone", "nan"]

@@ -35,3 +35,26 @@ def test_demo_refuses_a_folder_with_files(tmp_path, cli):
     result = cli("demo", "--dir", tmp_path)
     assert result.exit_code == 2 and "not empty" in result.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_demo_overwrite_replaces_only_a_demo_folder(tmp_path, cli):
+    from sdtool.demo import MARKER, prepare_folder
+
+    (tmp_path / "keep.txt").write_text("mine")
+    result = cli("demo", "--dir", tmp_path, "--overwrite")
+    assert result.exit_code == 2 and "not written by sdtool demo" in result.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+    demo = tmp_path / "demo"
+    prepare_folder(demo, overwrite=False)
+    (demo / "old-output.txt").write_text("from the last demo")
+    prepare_folder(demo, overwrite=True)
+    assert sorted(p.name for p in demo.iterdir()) == [MARKER]
+
+
+def test_demo_refuses_a_file_as_its_folder(tmp_path, cli):
+    target = tmp_path / "file"
+    target.write_text("mine")
+    result = cli("demo", "--dir", target)
+    assert result.exit_code == 2 and "is not a folder" in result.stderr
+    assert target.read_text() == "mine"

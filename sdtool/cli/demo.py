@@ -18,9 +18,12 @@ def command(
         Path | None, typer.Option("--dir", help="Where the demo writes everything (default: ./sdtool-demo).")
     ] = None,
     device: DeviceOpt = "cpu",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the folder of an earlier demo (never any other folder).")
+    ] = False,
 ) -> None:
     """Run the whole chain offline on a generated dataset and a tiny model."""
     from sdtool.demo import run_demo
 
-    root = run_demo(dir, device)
+    root = run_demo(dir, device, overwrite)
     typer.echo(str(root))

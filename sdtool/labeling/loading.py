@@ -7,7 +7,6 @@ instead of stopping the batch.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -19,6 +18,7 @@ from sdtool.console import SkipReporter
 from sdtool.errors import ImageError, UsageError
 from sdtool.fsutil import atomic_write_text
 from sdtool.images import open_image
+from sdtool.runtime import usable_cpus
 
 Preprocess = Callable[[Any], Any]
 Stack = Callable[[list[Any]], Any]
@@ -79,7 +79,7 @@ def default_workers(workers: int | None) -> int:
     """`--workers` default: one image reader per CPU core."""
     if workers is not None:
         return workers
-    return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def iter_batches(

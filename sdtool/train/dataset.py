@@ -19,6 +19,7 @@ from sdtool import buckets
 from sdtool.console import err, warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
+from sdtool.runtime import usable_cpus
 from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
 from sdtool.train.config import DatasetSpec
 
@@ -154,7 +155,6 @@ def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list
     at its first batch it would stop a run hours in. Decoding up front costs one read per image (in threads: Pillow
     releases the GIL while decoding) and keeps the plan (steps per epoch) true from the start.
     """
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     from sdtool.images import open_image
@@ -167,7 +167,7 @@ def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list
         return None
 
     paths = sorted({item.image for item in items})
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, usable_cpus())) as pool:
         problems = dict(zip(paths, pool.map(problem, paths), strict=True))
     for path, reason in problems.items():
         if reason is not None:

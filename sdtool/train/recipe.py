@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shlex
 import signal
@@ -22,6 +21,7 @@ from typing import Any
 
 from sdtool.console import info, make_progress, print_table, warn
 from sdtool.errors import EXIT_INTERRUPTED, ConfigError, NonFiniteError, SdtoolError
+from sdtool.runtime import usable_cpus
 from sdtool.train import checkpoints
 from sdtool.train.config import ResolvedConfig
 from sdtool.train.dataset import (
@@ -240,7 +240,9 @@ class FineTuneRecipe:
             # Only what is trained: checkpointing a frozen encoder costs compute and saves nothing (kohya does it).
             unet.enable_gradient_checkpointing()
             if t.train_text_encoder:
-                te.gradient_checkpointing_enable()
+                # transformers 5 renamed it and deprecates the old name; earlier 5.x releases have only the old one.
+                enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+                enable()
 
         lr_te = t.learning_rate_te if t.learning_rate_te is not None else t.learning_rate
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
@@ -262,7 +264,7 @@ class FineTuneRecipe:
         )
 
         dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached)
-        workers = min(t.max_data_loader_n_workers, os.cpu_count() or 1)
+        workers = min(t.max_data_loader_n_workers, usable_cpus())
         collate = Collate(model.tokenizer, t.max_token_length)
         persistent = t.persistent_data_loader_workers and workers > 0
         # Each rank's slice of every global batch (not accelerate's round-robin sharding): see distributed.py.
