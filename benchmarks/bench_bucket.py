@@ -32,8 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BenchResult, speedup
-from sdtool.bucketing import bucket_images, metadata_fields
-from sdtool.buckets import BucketSettings
+from sdtool.bucket.algorithm import BucketSettings
+from sdtool.bucket.scan import bucket_images, metadata_fields
 from sdtool.images import list_images
 from sdtool.metadata import metadata_key, write_metadata
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sdtool.cache.placement import plan_items
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BenchResult, sd15_config
@@ -41,8 +43,8 @@ def make_images(folder: Path, n: int, size: tuple[int, int], bucket: tuple[int, 
     import numpy as np
     from PIL import Image
 
-    from sdtool.buckets import cover_resize
-    from sdtool.pixels import crop_ltrb
+    from sdtool.bucket.algorithm import cover_resize
+    from sdtool.cache.pixels import crop_ltrb
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -83,10 +85,9 @@ def measure(
     import torch
     from diffusers import AutoencoderKL
 
-    from sdtool import latents as lc
+    from sdtool.cache.job import CacheOptions, bucket_batches, conv_memory_format, run_cache
+    from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
     from sdtool.console import QUIET, Output, SkipReporter, set_verbosity
-    from sdtool.pixels import load_bucketed_pixels, to_tensor
-    from sdtool.vae_encode import CacheOptions, bucket_batches, conv_memory_format, run_cache
 
     device = torch.device(device_name)
     with tempfile.TemporaryDirectory(prefix="sdtool-bench-cache-") as tmp:
@@ -96,7 +97,7 @@ def measure(
         vae = AutoencoderKL(**sd15_config("vae"))
         vae.save_pretrained(root / "vae", safe_serialization=True)
         vae = vae.to(device).eval().requires_grad_(False)
-        items, problems = lc.plan_items(meta_path)
+        items, problems = plan_items(meta_path)
         assert not problems, problems
         print(
             f"{len(items)} images {size[0]}x{size[1]} → bucket {bucket[0]}x{bucket[1]}, "

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BenchResult, sd15_config
-from sdtool.hypernetwork import Hypernetwork, apply_hypernetwork, context_widths, remove_hypernetwork
+from sdtool.train.hypernetwork.attention import apply_hypernetwork, context_widths, remove_hypernetwork
+from sdtool.train.hypernetwork.network import Hypernetwork
 
 
 def _unet(sd15: bool):

@@ -62,8 +62,8 @@ def best_times(reference, candidate, repeats: int) -> tuple[float, float]:
 def bench_tag(
     root: Path, images: Path, batch_size: int, workers: int | None, repeats: int, conv: int
 ) -> tuple[float, float]:
-    from sdtool.labeling.taggers import Tagger, TagOptions, select_tags, tag_images
-    from sdtool.labeling.tiny import save_mean_tagger, write_selected_tags
+    from sdtool.label.taggers import Tagger, TagOptions, select_tags, tag_images
+    from sdtool.label.tiny import save_mean_tagger, write_selected_tags
 
     model = root / "tagger"
     n_tags = 64
@@ -107,8 +107,8 @@ def bench_tag(
 def bench_caption(root: Path, images: Path, batch_size: int, workers: int | None, repeats: int) -> tuple[float, float]:
     import torch
 
-    from sdtool.labeling.captioners import Captioner, GenerationSettings, caption_images
-    from sdtool.labeling.tiny import save_tiny_blip
+    from sdtool.label.captioners import Captioner, GenerationSettings, caption_images
+    from sdtool.label.tiny import save_tiny_blip
 
     model = save_tiny_blip(root / "blip", image_size=128, hidden=128, layers=2)
     settings = GenerationSettings(max_length=20, min_length=20)

@@ -30,7 +30,7 @@ def plain_loop(model_dir: Path, meta_path: Path, steps: int, batch: int) -> list
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from sdtool.pixels import load_bucketed_pixels, to_tensor
+    from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").train()
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval().requires_grad_(False)

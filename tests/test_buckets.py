@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from sdtool.buckets import (
+from sdtool.bucket.algorithm import (
     BucketError,
     BucketSettings,
     adjust_min_max_to_steps,
@@ -255,7 +255,8 @@ def test_round_to_steps_and_crop():
 
 
 def test_pixels_uses_the_same_crop():
-    from sdtool import buckets, pixels
+    from sdtool.bucket import algorithm as buckets
+    from sdtool.cache import pixels
 
     assert pixels.crop_ltrb is buckets.crop_ltrb
 

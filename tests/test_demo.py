@@ -38,7 +38,7 @@ def test_demo_refuses_a_folder_with_files(tmp_path, cli):
 
 
 def test_demo_overwrite_replaces_only_a_demo_folder(tmp_path, cli):
-    from sdtool.demo import MARKER, prepare_folder
+    from sdtool.demo.run import MARKER, prepare_folder
 
     (tmp_path / "keep.txt").write_text("mine")
     result = cli("demo", "--dir", tmp_path, "--overwrite")

@@ -12,17 +12,15 @@ from pydantic import ValidationError
 from torch import nn
 
 from sdtool.errors import ConfigError, InputError, MissingDependencyError, ModelError
-from sdtool.hypernetwork import (
-    ACTIVATIONS,
-    Hypernetwork,
+from sdtool.train.hypernetwork.attention import (
     HypernetworkAttnProcessor,
-    HypernetworkModule,
-    HypernetworkOptions,
     apply_hypernetwork,
-    build_hypernetwork,
     context_widths,
     remove_hypernetwork,
 )
+from sdtool.train.hypernetwork.network import Hypernetwork
+from sdtool.train.hypernetwork.options import HypernetworkOptions, build_hypernetwork
+from sdtool.train.hypernetwork.structure import ACTIVATIONS, HypernetworkModule
 
 
 @pytest.fixture(scope="module")

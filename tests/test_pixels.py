@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdtool.cache.pixels import crop_ltrb, load_bucketed_pixels, to_tensor
 from sdtool.errors import ImageError
-from sdtool.pixels import crop_ltrb, load_bucketed_pixels, to_tensor
 from tests import imagegen
 
 

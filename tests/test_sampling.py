@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from sdtool.errors import InputError, UsageError
-from sdtool.sampling import (
-    SAMPLERS,
-    SamplePrompt,
-    build_scheduler,
-    generate_samples,
-    parse_prompt_line,
-    read_sample_prompts,
-    should_sample,
-)
+from sdtool.train.sample_prompts import SAMPLERS, SamplePrompt, parse_prompt_line, read_sample_prompts
+from sdtool.train.sampling import build_scheduler, generate_samples, should_sample
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Prompt files
@@ -198,7 +191,7 @@ def test_preserved_rng_state_restores_torch_numpy_and_random():
     import numpy as np
     import torch
 
-    from sdtool.sampling import preserved_rng_state
+    from sdtool.train.sampling import preserved_rng_state
 
     torch.manual_seed(1)
     np.random.seed(1)

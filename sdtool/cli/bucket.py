@@ -45,7 +45,7 @@ def command(
     strict: StrictOpt = False,
 ) -> None:
     """Read image sizes, assign aspect-ratio buckets and write the metadata JSON."""
-    from sdtool.buckets import BucketSettings, adjust_min_max_to_steps, parse_resolution
+    from sdtool.bucket.algorithm import BucketSettings, adjust_min_max_to_steps, parse_resolution
     from sdtool.console import Output, SkipReporter, info, progress_bar, warn
     from sdtool.errors import UsageError
 
@@ -92,13 +92,8 @@ def command(
     if output.exists() and not (update or overwrite):
         raise UsageError(f"{output} exists", hint="pass --update to merge into it, or --overwrite to replace it")
 
-    from sdtool.bucketing import (
-        bucket_images,
-        image_record,
-        merge_rekeyed,
-        metadata_fields,
-    )
-    from sdtool.buckets import capped_buckets, is_degenerate
+    from sdtool.bucket.algorithm import capped_buckets, is_degenerate
+    from sdtool.bucket.scan import bucket_images, image_record, merge_rekeyed, metadata_fields
     from sdtool.images import list_images
     from sdtool.metadata import metadata_key, read_metadata, write_metadata
 
@@ -195,7 +190,7 @@ def _within(bucket: tuple[int, int], lo: int, hi: int) -> bool:
 def _print_summary(images: list, settings) -> None:
     from rich.table import Table
 
-    from sdtool.bucketing import bucket_stats
+    from sdtool.bucket.scan import bucket_stats
     from sdtool.console import print_table
 
     rows = bucket_stats(images)

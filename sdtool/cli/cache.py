@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from sdtool.cache.fingerprint import vae_fingerprint
+from sdtool.cache.store import cache_status, count_statuses
 from sdtool.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
@@ -104,7 +106,7 @@ def command(
             strict,
         )
         return
-    from sdtool.vae_encode import CacheOptions, run_cache
+    from sdtool.cache.job import CacheOptions, run_cache
 
     options = CacheOptions(
         fmt=format.value,
@@ -146,7 +148,6 @@ def _print_status(
     """`--status`: a table of entries that are not ok (all with -v) on stderr, JSON lines on stdout; no encoding."""
     from rich.table import Table
 
-    from sdtool import latents as lc
     from sdtool.console import VERBOSE, Output, info, print_table, verbosity, warn
     from sdtool.errors import SdtoolError, StrictModeError
 
@@ -156,10 +157,10 @@ def _print_status(
         warn("the VAE is not compared: pass --model or --vae to detect entries made with another VAE")
     else:
         try:
-            fingerprint = lc.vae_fingerprint(source)
+            fingerprint = vae_fingerprint(source)
         except SdtoolError as exc:
             warn(f"the VAE is not compared: {exc.one_line()}")
-    statuses = lc.cache_status(
+    statuses = cache_status(
         metadata,
         image_dir=image_dir,
         cache_dir=cache_dir,
@@ -172,7 +173,7 @@ def _print_status(
     out = Output(json_lines)
     for st in statuses:
         out.record(st.to_json())
-    counts = lc.count_statuses(statuses)
+    counts = count_statuses(statuses)
     shown = [st for st in statuses if st.status != "ok" or verbosity() >= VERBOSE]
     if shown and not json_lines:
         table = Table("image", "status", "reason", title="latent cache")

@@ -55,7 +55,7 @@ def command(
 ) -> None:
     """Write captions (.caption) for images with a BLIP-family model."""
     from sdtool.console import Output, SkipReporter
-    from sdtool.labeling.captioners import GenerationSettings, caption_images
+    from sdtool.label.captioners import GenerationSettings, caption_images
 
     settings = GenerationSettings(
         num_beams=num_beams, top_p=top_p, max_length=max_length, min_length=min_length, seed=seed

@@ -23,7 +23,7 @@ def command(
     ] = False,
 ) -> None:
     """Run the whole chain offline on a generated dataset and a tiny model."""
-    from sdtool.demo import run_demo
+    from sdtool.demo.run import run_demo
 
     root = run_demo(dir, device, overwrite)
     typer.echo(str(root))

@@ -67,7 +67,7 @@ def command(
 ) -> None:
     """Write booru tags (.txt) for images with a WD14 / DeepDanbooru ONNX tagger."""
     from sdtool.console import Output, SkipReporter
-    from sdtool.labeling.taggers import TagOptions, split_tag_list, tag_images
+    from sdtool.label.taggers import TagOptions, split_tag_list, tag_images
 
     options = TagOptions(
         general_threshold=threshold if general_threshold is None else general_threshold,

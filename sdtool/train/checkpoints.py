@@ -1,8 +1,6 @@
 """Periodic saves, their pruning, and state folders for an exact resume (CONTRACT §I).
 
-Names are kohya's: periodic models `<name>-<epoch:06d>` and `<name>-step<step:08d>` (plus `.safetensors`/`.ckpt`, or
-a folder for the diffusers formats), state folders `<name>-state`, `<name>-<epoch:06d>-state`,
-`<name>-step<step:08d>-state`.
+Their names come from outputs.py (kohya's `<name>-<epoch:06d>`, `<name>-step<step:08d>`, `<stem>-state`).
 
 A state folder holds what `accelerate.save_state` writes (trained weights, optimizer, grad scaler, every RNG and
 accelerate's gradient-accumulation counter; loaded back with `weights_only=True`) plus `sdtool_state.json` (step,
@@ -21,32 +19,10 @@ from typing import Any
 
 from sdtool.console import warn
 from sdtool.errors import ConfigError, SdtoolError
-from sdtool.train.config import ResolvedConfig, TrainConfig
+from sdtool.train.config.schema import ResolvedConfig, TrainConfig
+from sdtool.train.outputs import EMA_FILE, STATE_FILE
 
-STATE_FILE = "sdtool_state.json"
-EMA_FILE = "ema.safetensors"
 STATE_FORMAT = 1
-
-
-# ------------------------------------------------------------------------------------------------------ naming
-def save_stem(name: str, *, epoch: int | None = None, step: int | None = None) -> str:
-    """`name`, `name-<epoch:06d>` or `name-step<step:08d>`."""
-    if step is not None:
-        return f"{name}-step{step:08d}"
-    if epoch is not None:
-        return f"{name}-{epoch:06d}"
-    return name
-
-
-def model_path(cfg: TrainConfig, stem: str) -> Path:
-    """The model file (or diffusers folder) for a save stem."""
-    out = Path(cfg.output_dir) / stem
-    return out if cfg.save_model_as.startswith("diffusers") else out.with_name(f"{stem}.{cfg.save_model_as}")
-
-
-def state_path(cfg: TrainConfig, stem: str) -> Path:
-    """The state folder beside a save: `<stem>-state`."""
-    return Path(cfg.output_dir) / f"{stem}-state"
 
 
 def periodic_saves(cfg: TrainConfig, kind: str, states: bool) -> dict[int, Path]:

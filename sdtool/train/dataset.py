@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool import buckets
+from sdtool.bucket import algorithm as buckets
 from sdtool.console import err, warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
 from sdtool.runtime import usable_cpus
 from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
-from sdtool.train.config import DatasetSpec
+from sdtool.train.config.schema import DatasetSpec
 
 Size = tuple[int, int]
 
@@ -250,7 +250,7 @@ class TrainDataset:
         if self.cached:
             latents = load_cached(item, sub).sample(flip, torch.Generator().manual_seed(seed))
             return {"latents": latents.float(), "caption": caption}
-        from sdtool.pixels import load_bucketed_pixels, to_tensor
+        from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
 
         pixels = load_bucketed_pixels(item.image, item.resized, item.bucket, sub.interpolation, item.image_size)
         return {"pixels": to_tensor(pixels, flip), "caption": caption}
@@ -261,7 +261,8 @@ def load_cached(item: TrainItem, sub: SubsetRuntime, expected_vae: str | None = 
 
     `expected_vae` (a `vae_fingerprint`) also refuses entries another VAE made; raises when missing or stale.
     """
-    from sdtool.latents import default_cache_dir, load_latents
+    from sdtool.cache.entry import default_cache_dir
+    from sdtool.cache.store import load_latents
 
     return load_latents(
         item.image,
@@ -278,7 +279,7 @@ def cache_problems(
     items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None
 ) -> tuple[list[str], list[str]]:
     """(missing, stale): one line per image whose cached latents cannot be used (reads entry headers only)."""
-    from sdtool.latents import MissingLatentsError
+    from sdtool.cache.entry import MissingLatentsError
 
     missing, stale = [], []
     for item in items:
@@ -293,7 +294,7 @@ def cache_problems(
 
 def training_vae_fingerprint(vae: str | None, model: str) -> str | None:
     """The fingerprint of the VAE training would encode with (`vae` or the model's), None when it cannot be read."""
-    from sdtool.latents import vae_fingerprint
+    from sdtool.cache.fingerprint import vae_fingerprint
 
     try:
         return vae_fingerprint(vae or model)

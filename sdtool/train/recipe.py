@@ -22,8 +22,8 @@ from typing import Any
 from sdtool.console import info, make_progress, print_table, warn
 from sdtool.errors import EXIT_INTERRUPTED, ConfigError, NonFiniteError, SdtoolError
 from sdtool.runtime import usable_cpus
-from sdtool.train import checkpoints
-from sdtool.train.config import ResolvedConfig
+from sdtool.train.checkpoints import check_resume_config, config_record, prune_after_save, read_state, write_state
+from sdtool.train.config.schema import ResolvedConfig
 from sdtool.train.dataset import (
     BucketBatchSampler,
     SubsetRuntime,
@@ -33,6 +33,7 @@ from sdtool.train.dataset import (
     sample_seed,
 )
 from sdtool.train.distributed import world_size
+from sdtool.train.outputs import EMA_FILE, model_path, save_stem, state_path
 
 _STEP_STREAM = 1  # separates the per-step seeds from the per-sample seeds derived from the same run seed
 
@@ -74,7 +75,7 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
     if t.seed is not None:
         seed = t.seed
     elif t.resume is not None:
-        seed = int(checkpoints.read_state(Path(t.resume))["train_state"]["seed"])  # the resumed run's own seed
+        seed = int(read_state(Path(t.resume))["train_state"]["seed"])  # the resumed run's own seed
     else:
         seed = random.SystemRandom().randrange(2**31)
     items, subsets = load_items(cfg.datasets)
@@ -137,7 +138,8 @@ def estimate_memory(cfg: ResolvedConfig) -> dict[str, float]:
     trained = count["unet"] + (count["te"] if t.train_text_encoder else 0)
     frozen = count["vae"] * (4 if t.no_half_vae else half) + (0 if t.train_text_encoder else count["te"] * half)
     if t.train_hypernetwork:
-        from sdtool.hypernetwork import Hypernetwork, context_widths
+        from sdtool.train.hypernetwork.attention import context_widths
+        from sdtool.train.hypernetwork.network import Hypernetwork
 
         with init_empty_weights():
             hypernetwork = Hypernetwork(
@@ -232,7 +234,7 @@ class FineTuneRecipe:
 
         self._set_attention(unet)
         if hyper:
-            from sdtool.train.hypertrain import attach_hypernetwork
+            from sdtool.train.hypernetwork.training import attach_hypernetwork
 
             self.hypernetwork = attach_hypernetwork(t, unet, full_dtype)
             self.hypernetwork_start_step = self.hypernetwork.step  # a file continued from keeps counting its steps
@@ -273,7 +275,7 @@ class FineTuneRecipe:
         )
         prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), t.train_text_encoder)
         if self.hypernetwork is not None:
-            from sdtool.train.hypertrain import HypernetworkDenoiser
+            from sdtool.train.hypernetwork.training import HypernetworkDenoiser
 
             # self.unet is what the loss calls: the frozen U-Net through the wrapper DDP and the states see.
             self.unet, self.optimizer = acc.prepare(HypernetworkDenoiser(unet, self.hypernetwork), optimizer)
@@ -487,12 +489,12 @@ class FineTuneRecipe:
         return self.t.save_every_n_epochs
 
     def _save_periodic(self, kind: str, number: int, every: int) -> None:
-        stem = checkpoints.save_stem(self.t.output_name, **{kind: number})  # type: ignore[arg-type]
-        self.save_model(checkpoints.model_path(self.t, stem))
+        stem = save_stem(self.t.output_name, **{kind: number})  # type: ignore[arg-type]
+        self.save_model(model_path(self.t, stem))
         if self.t.save_state:
-            self.save_state(checkpoints.state_path(self.t, stem))
+            self.save_state(state_path(self.t, stem))
         if self.accelerator.is_main_process:
-            checkpoints.prune_after_save(self.t, kind, number, every)
+            prune_after_save(self.t, kind, number, every)
 
     def _stop_requested(self, stop: _StopRequest) -> bool:
         if self.accelerator.num_processes == 1:
@@ -505,8 +507,8 @@ class FineTuneRecipe:
 
     def _stop(self, signal_name: str | None) -> None:
         """Save a state after the step that just finished, then stop with exit code 130."""
-        stem = checkpoints.save_stem(self.t.output_name, step=self.state.global_step)
-        path = self.save_state(checkpoints.state_path(self.t, stem))
+        stem = save_stem(self.t.output_name, step=self.state.global_step)
+        path = self.save_state(state_path(self.t, stem))
         command = f"sdtool train {shlex.quote(str(self.cfg.path))} --set {shlex.quote(f'resume={path}')}"
         raise Interrupted(
             f"stopped by {signal_name or 'a signal'} after step {self.state.global_step}; state saved to {path}",
@@ -574,7 +576,7 @@ class FineTuneRecipe:
 
     def _save_hypernetwork(self, path: Path) -> Path | None:
         """The A1111 `.pt` (the EMA weights when use_ema); its step continues the step of `hypernetwork_weights`."""
-        from sdtool.train.hypertrain import checkpoint_name
+        from sdtool.train.hypernetwork.training import checkpoint_name
 
         if not self.accelerator.is_main_process:
             return None
@@ -623,23 +625,21 @@ class FineTuneRecipe:
             "config": self._config_record(),
         }
         try:
-            out = checkpoints.write_state(self.accelerator, path, record, self.ema)
+            out = write_state(self.accelerator, path, record, self.ema)
         except (TypeError, ValueError) as exc:
             raise SdtoolError(f"cannot write the training state to {path}: {exc}") from exc
         info(f"saved state {out}")
         return out
 
     def _config_record(self) -> dict[str, Any]:
-        record = checkpoints.config_record(self.cfg)
+        record = config_record(self.cfg)
         record["seed"] = self.plan.seed  # the effective seed, also when the config leaves it unset
         return record
 
     def _resume(self, path: Path) -> None:
         """Load a state folder: weights, optimizer, scaler, RNGs, accumulation counter, schedule, EMA, position."""
-        saved = checkpoints.read_state(path)
-        checkpoints.check_resume_config(
-            saved["config"], self._config_record(), self.ema is not None, bool(saved.get("ema"))
-        )
+        saved = read_state(path)
+        check_resume_config(saved["config"], self._config_record(), self.ema is not None, bool(saved.get("ema")))
         if saved.get("num_processes", 1) != self.accelerator.num_processes:
             warn(
                 f"the state was saved by {saved.get('num_processes')} processes, this run has "
@@ -648,7 +648,7 @@ class FineTuneRecipe:
         try:
             self.accelerator.load_state(str(path))
             if self.ema is not None:
-                self.ema.load(path / checkpoints.EMA_FILE)
+                self.ema.load(path / EMA_FILE)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
             raise SdtoolError(f"resume: cannot load {path} ({exc})") from exc
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
@@ -660,7 +660,7 @@ class FineTuneRecipe:
     def _read_sample_prompts(self) -> list[Any]:
         if self.t.sample_prompts is None:
             return []
-        from sdtool.sampling import read_sample_prompts
+        from sdtool.train.sample_prompts import read_sample_prompts
 
         return read_sample_prompts(self.t.sample_prompts)
 
@@ -668,7 +668,7 @@ class FineTuneRecipe:
         """Render the sample prompts when kohya's schedule says so (rank 0 only; the trajectory is untouched)."""
         if not self.sample_prompts:
             return
-        from sdtool.sampling import generate_samples, should_sample
+        from sdtool.train.sampling import generate_samples, should_sample
 
         t, epoch = self.t, self.state.epoch
         if not should_sample(
@@ -745,9 +745,9 @@ class FineTuneRecipe:
         t = self.t
         init_kwargs: dict[str, Any] = {}
         if t.log_tracker_config is not None:
-            from sdtool.train.config import _read_toml
+            from sdtool.train.config.files import read_toml
 
-            init_kwargs = _read_toml(Path(t.log_tracker_config), "log_tracker_config")
+            init_kwargs = read_toml(Path(t.log_tracker_config), "log_tracker_config")
         if t.wandb_run_name is not None:
             init_kwargs.setdefault("wandb", {})["name"] = t.wandb_run_name
         config = tracker_config(self.cfg) if t.log_config else None
@@ -766,7 +766,7 @@ class FineTuneRecipe:
         write_rank_digest(self.accelerator, {"unet": self.unet, "text_encoder": self.text_encoder})
         out = self.save_model(self.cfg.output_path)
         if self.t.save_state or self.t.save_state_on_train_end:
-            self.save_state(checkpoints.state_path(self.t, self.t.output_name))
+            self.save_state(state_path(self.t, self.t.output_name))
         return out
 
     def close(self) -> None:
@@ -889,7 +889,7 @@ def tracker_options(t: Any) -> dict[str, Any]:
 def tracker_config(cfg: ResolvedConfig) -> dict[str, Any]:
     """The training keys as tracker hyperparameters (scalars only; lists and tables as text)."""
     out: dict[str, Any] = {}
-    for key, value in checkpoints.config_record(cfg).items():
+    for key, value in config_record(cfg).items():
         out[key] = value if isinstance(value, bool | int | float | str) else json.dumps(value, ensure_ascii=False)
     return out
 

@@ -21,7 +21,7 @@ def corpus(tmp_path) -> Corpus:
 
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
-    from sdtool.labeling.tiny import save_tiny_blip
+    from sdtool.label.tiny import save_tiny_blip
 
     return save_tiny_blip(tmp_path_factory.mktemp("hardening") / "blip")
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtool import latents as lc
+from sdtool.cache.entry import MissingLatentsError, default_cache_dir
+from sdtool.cache.placement import latent_shape
+from sdtool.cache.store import load_latents
 from sdtool.fsutil import leftover_temp_files
 from sdtool.metadata import read_metadata
 from tests.hardening.conftest import check_skips, check_tree, skip_lines
@@ -47,16 +49,16 @@ def test_cache_over_the_bucketed_corpus(corpus, sdtool_proc, tiny_v1, tmp_path):
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert {r["path"] for r in records if r.get("status") == "skipped"} == {str(p) for p in expected.bad}
 
-    cache_dir = lc.default_cache_dir(meta_path)
+    cache_dir = default_cache_dir(meta_path)
     for path in expected.good:  # every good image has a whole, finite entry of its bucket's shape
         fields = meta[str(path)]
-        latents = lc.load_latents(path, tuple(fields["train_resolution"]), cache_dir=cache_dir)
+        latents = load_latents(path, tuple(fields["train_resolution"]), cache_dir=cache_dir)
         sample = latents.sample()
-        assert sample.shape == lc.latent_shape(tuple(fields["train_resolution"])), path
+        assert sample.shape == latent_shape(tuple(fields["train_resolution"])), path
         assert torch.isfinite(sample).all(), path
     for path in expected.bad:
-        with pytest.raises(lc.MissingLatentsError):
-            lc.load_latents(path, tuple(meta[str(path)]["train_resolution"]), cache_dir=cache_dir)
+        with pytest.raises(MissingLatentsError):
+            load_latents(path, tuple(meta[str(path)]["train_resolution"]), cache_dir=cache_dir)
     assert leftover_temp_files(cache_dir) == []
     check_tree(corpus, before, allowed_new=set())  # the sdtool format writes beside the metadata, not the images
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdtool import latents as lc
+from sdtool.cache.entry import NATIVE_SUFFIX, read_native_record
 from sdtool.fsutil import leftover_temp_files
 from sdtool.metadata import read_metadata
 from tests.hardening.test_interrupt import SEED, kill_group, make_dataset, run_to_end, start
@@ -32,9 +32,9 @@ def cache_entries(folder: Path) -> dict[str, tuple[dict, dict[str, torch.Tensor]
     if not folder.exists():
         return {}
     return {
-        p.name: (lc.read_native_record(p), load_file(p))
+        p.name: (read_native_record(p), load_file(p))
         for p in folder.iterdir()
-        if p.name.endswith(lc.NATIVE_SUFFIX) and not p.name.startswith(".")
+        if p.name.endswith(NATIVE_SUFFIX) and not p.name.startswith(".")
     }
 
 
@@ -67,7 +67,7 @@ def test_kill_cache_then_rerun(tmp_path, tiny_v1):
         cache_dir = tmp_path / f"run{attempt}"
         target = rng.randrange(0, good)  # kill once this many entries are in place
         proc = start([*args, "--cache-dir", cache_dir], tmp_path / f"run{attempt}.log")
-        while proc.poll() is None and len(list(cache_dir.glob(f"*{lc.NATIVE_SUFFIX}"))) < target:
+        while proc.poll() is None and len(list(cache_dir.glob(f"*{NATIVE_SUFFIX}"))) < target:
             time.sleep(0.002)
         interrupted += kill_group(proc)
         found = cache_entries(cache_dir)  # every entry under its final name loads …

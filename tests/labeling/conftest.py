@@ -43,7 +43,7 @@ def wd14_weights() -> tuple[np.ndarray, np.ndarray]:
 
 def save_wd14_tagger(folder: Path) -> Path:
     """A WD14-layout mean tagger in `folder`: 16×16 NHWC input, selected_tags.csv in the interleaved order above."""
-    from sdtool.labeling.tiny import save_mean_tagger, write_selected_tags
+    from sdtool.label.tiny import save_mean_tagger, write_selected_tags
 
     w, b = wd14_weights()
     save_mean_tagger(folder / "model.onnx", weights=w, bias=b, size=16)
@@ -53,14 +53,14 @@ def save_wd14_tagger(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
-    from sdtool.labeling.tiny import save_tiny_blip
+    from sdtool.label.tiny import save_tiny_blip
 
     return save_tiny_blip(tmp_path_factory.mktemp("label") / "blip")
 
 
 @pytest.fixture(scope="session")
 def tiny_git(tmp_path_factory) -> Path:
-    from sdtool.labeling.tiny import save_tiny_git
+    from sdtool.label.tiny import save_tiny_git
 
     return save_tiny_git(tmp_path_factory.mktemp("label") / "git")
 
@@ -74,7 +74,7 @@ def wd14_tagger(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wd14_tagger_nchw_fixed(tmp_path_factory) -> Path:
     """The same tagger with a 32×32 NCHW input and a fixed batch size of 2 in the graph."""
-    from sdtool.labeling.tiny import save_mean_tagger, write_selected_tags
+    from sdtool.label.tiny import save_mean_tagger, write_selected_tags
 
     folder = tmp_path_factory.mktemp("label") / "wd14-nchw"
     w, b = wd14_weights()
@@ -86,7 +86,7 @@ def wd14_tagger_nchw_fixed(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deepdanbooru_tagger(tmp_path_factory) -> Path:
     """A DeepDanbooru-layout folder: RGB 0–1 input; `seen_white` fires only if padding were white."""
-    from sdtool.labeling.tiny import save_mean_tagger
+    from sdtool.label.tiny import save_mean_tagger
 
     folder = tmp_path_factory.mktemp("label") / "dd"
     names = ["rating:safe", "red_hair", "seen_white", "character_x", "rating:explicit"]

@@ -10,14 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtool.labeling.taggers import (
-    TagInfo,
-    TagOptions,
-    append_tags,
-    deepdanbooru_input,
-    select_tags,
-    wd14_input,
-)
+from sdtool.label.taggers import TagInfo, TagOptions, append_tags, deepdanbooru_input, select_tags, wd14_input
 from tests.labeling.conftest import WD14_ROWS
 
 # Expected tags worked out by hand from the logits in conftest.py.

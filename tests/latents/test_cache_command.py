@@ -19,7 +19,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtool import latents as lc
+from sdtool.cache.entry import default_cache_dir, native_entry_path
+from sdtool.cache.fingerprint import file_sha256, vae_fingerprint
+from sdtool.cache.store import load_latents
 from sdtool.fsutil import leftover_temp_files
 from tests import imagegen
 from tests.conftest import REPO_ROOT
@@ -66,10 +68,10 @@ def test_native_entries_hold_the_vae_posterior_of_the_pixels(cli, tiny_v1, datas
     result = cli("cache", dataset, "--model", tiny_v1, "--flip-aug", "--batch-size", "3")
     assert result.exit_code == 0, result.stderr
     written = [Path(line) for line in result.stdout.splitlines()]
-    assert len(written) == 4 and all(p.parent == lc.default_cache_dir(dataset) for p in written)
+    assert len(written) == 4 and all(p.parent == default_cache_dir(dataset) for p in written)
     meta = json.loads(dataset.read_text())
     for key, fields in meta.items():
-        path = lc.native_entry_path(key, lc.default_cache_dir(dataset))
+        path = native_entry_path(key, default_cache_dir(dataset))
         tensors = load_file(path)
         bw, bh = fields["train_resolution"]
         assert tensors["mean"].shape == (4, bh // 8, bw // 8) and tensors["mean"].dtype == torch.float32
@@ -84,14 +86,14 @@ def test_native_entries_hold_the_vae_posterior_of_the_pixels(cli, tiny_v1, datas
             record = json.loads(f.metadata()["record"])
         assert record["bucket"] == fields["train_resolution"]
         assert record["crop_ltrb"] == fields["crop_ltrb"]
-        assert record["vae"] == lc.vae_fingerprint(tiny_v1) and record["dtype"] == "fp32"
-        assert record["source"]["sha256"] == lc.file_sha256(key)
-        got = lc.load_latents(
+        assert record["vae"] == vae_fingerprint(tiny_v1) and record["dtype"] == "fp32"
+        assert record["source"]["sha256"] == file_sha256(key)
+        got = load_latents(
             key,
             (bw, bh),
-            cache_dir=lc.default_cache_dir(dataset),
+            cache_dir=default_cache_dir(dataset),
             flip_aug=True,
-            expected_vae=lc.vae_fingerprint(tiny_v1),
+            expected_vae=vae_fingerprint(tiny_v1),
         )
         assert torch.equal(got.mean, tensors["mean"])
 
@@ -127,7 +129,7 @@ def test_kohya_format_equals_the_encoding_of_the_pixels(cli, sharp_v1, tmp_path)
             np.testing.assert_allclose(z["latents"], mean.numpy(), atol=1e-4)
             fmean, _ = _oracle_posterior(sharp_v1 / "vae", image, meta[name], flip=True)
             np.testing.assert_allclose(z["latents_flipped"], fmean.numpy(), atol=1e-4)
-        got = lc.load_latents(image, (bw, bh), flip_aug=True, expected_vae=lc.vae_fingerprint(sharp_v1))
+        got = load_latents(image, (bw, bh), flip_aug=True, expected_vae=vae_fingerprint(sharp_v1))
         assert got.source == npz and got.std is None
     again = cli(*args)
     assert _by_status(_json_lines(again.stdout)) == {"kept": {n for n, _, _ in DEFAULT_IMAGES}}
@@ -145,7 +147,7 @@ def test_status_names_each_kind_of_staleness_and_a_rerun_encodes_only_those(cli,
     meta = json.loads(dataset.read_text())
     meta[str(img / "tall.jpg")] = entry(50, 90, 48, 64)  # bucket changed
     dataset.write_text(json.dumps(meta))
-    lc.native_entry_path(img / "square.png", lc.default_cache_dir(dataset)).unlink()  # missing
+    native_entry_path(img / "square.png", default_cache_dir(dataset)).unlink()  # missing
 
     result = cli("cache", dataset, "--model", tiny_v1, "--status", "--json")
     rows = {Path(r["path"]).name: r for r in _json_lines(result.stdout)}
@@ -191,7 +193,7 @@ def test_nan_latents_are_named_and_not_written(cli, nan_v1, dataset):
         assert f"{name}: the VAE produced NaN/inf latents" in result.stderr
     assert "error: the VAE produced NaN/inf latents for 4 image(s)" in result.stderr
     assert result.stdout == ""
-    assert list(lc.default_cache_dir(dataset).iterdir()) == []
+    assert list(default_cache_dir(dataset).iterdir()) == []
 
 
 def test_bad_images_are_skipped_and_named(cli, tiny_v1, tmp_path):
@@ -225,7 +227,7 @@ def test_relative_keys_resolve_beside_the_metadata_and_kohya_metadata_works(cli,
     assert result.exit_code == 0, result.stderr
     assert _by_status(_json_lines(result.stdout)) == {"written": {n for n, _, _ in DEFAULT_IMAGES}}
     assert (img / "meta.latents").is_dir()
-    latents = lc.load_latents(img / "tall.jpg", (40, 64), cache_dir=img / "meta.latents")
+    latents = load_latents(img / "tall.jpg", (40, 64), cache_dir=img / "meta.latents")
     assert latents.record["resized"] == [40, 72] and latents.record["crop_ltrb"] == [0, 4, 40, 68]
 
 
@@ -306,7 +308,7 @@ def test_kohya_names_that_collide_are_skipped_not_overwritten(cli, tiny_v1, tmp_
 
 def test_the_cpu_encodes_channels_last_and_cuda_keeps_the_default_layout():
     # The native and kohya tests above compare channels-last CPU encodings with a default-layout oracle VAE.
-    from sdtool.vae_encode import conv_memory_format
+    from sdtool.cache.job import conv_memory_format
 
     assert conv_memory_format("cpu") is torch.channels_last
     assert conv_memory_format(torch.device("cpu")) is torch.channels_last

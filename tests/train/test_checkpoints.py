@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from sdtool.errors import ConfigError
-from sdtool.train import checkpoints
-from sdtool.train.config import TrainConfig
+from sdtool.train.checkpoints import check_resume_config, prune_after_save, read_state, write_state
+from sdtool.train.config.schema import TrainConfig
 from sdtool.train.ema import WeightEMA
+from sdtool.train.outputs import STATE_FILE, model_path, save_stem, state_path
 
 
 def train_config(tmp_path, **keys) -> TrainConfig:
@@ -30,12 +31,12 @@ def touch_saves(tmp_path, names):
 
 def test_names_are_kohyas(tmp_path):
     cfg = train_config(tmp_path)
-    assert checkpoints.save_stem("run", epoch=3) == "run-000003"
-    assert checkpoints.save_stem("run", step=120) == "run-step00000120"
-    assert checkpoints.model_path(cfg, "run-000003").name == "run-000003.safetensors"
-    assert checkpoints.state_path(cfg, "run-step00000120").name == "run-step00000120-state"
+    assert save_stem("run", epoch=3) == "run-000003"
+    assert save_stem("run", step=120) == "run-step00000120"
+    assert model_path(cfg, "run-000003").name == "run-000003.safetensors"
+    assert state_path(cfg, "run-step00000120").name == "run-step00000120-state"
     folder = train_config(tmp_path, save_model_as="diffusers")
-    assert checkpoints.model_path(folder, "run-000003").name == "run-000003"
+    assert model_path(folder, "run-000003").name == "run-000003"
 
 
 def test_step_pruning_keeps_the_last_n_steps(tmp_path):
@@ -44,7 +45,7 @@ def test_step_pruning_keeps_the_last_n_steps(tmp_path):
     touch_saves(tmp_path, ["run-step00000008.safetensors", "run-step00000008-state"])
     touch_saves(tmp_path, ["run-step00000016.safetensors", "run-step00000016-state"])
     touch_saves(tmp_path, ["run-000001.safetensors", "run.safetensors", "run-state", "other-step00000008.safetensors"])
-    checkpoints.prune_after_save(cfg, "step", 16, 8)
+    prune_after_save(cfg, "step", 16, 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "other-step00000008.safetensors",
         "run-000001.safetensors",
@@ -61,7 +62,7 @@ def test_epoch_pruning_keeps_the_last_n_saves_and_state_variant_overrides(tmp_pa
     )
     for epoch in (2, 4, 6):
         touch_saves(tmp_path, [f"run-{epoch:06d}.ckpt", f"run-{epoch:06d}.safetensors", f"run-{epoch:06d}-state"])
-    checkpoints.prune_after_save(cfg, "epoch", 6, 2)
+    prune_after_save(cfg, "epoch", 6, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "run-000002.ckpt",  # another format's files are not this run's saves
         "run-000004.ckpt",
@@ -80,7 +81,7 @@ def test_state_folder_round_trips_every_rng_and_the_accumulation_counter(tmp_pat
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)
-    path = checkpoints.write_state(acc, tmp_path / "run-state", {"train_state": {"global_step": 5}}, None)
+    path = write_state(acc, tmp_path / "run-state", {"train_state": {"global_step": 5}}, None)
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     acc.step = 0
     random.seed(9)
@@ -89,27 +90,27 @@ def test_state_folder_round_trips_every_rng_and_the_accumulation_counter(tmp_pat
     acc.load_state(str(path))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
     assert acc.step == 2
-    assert checkpoints.read_state(path)["train_state"] == {"global_step": 5}
+    assert read_state(path)["train_state"] == {"global_step": 5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run-state"]  # no partial folder left
 
     # writing the same state again replaces it whole
-    checkpoints.write_state(acc, path, {"train_state": {"global_step": 6}}, None)
-    assert checkpoints.read_state(path)["train_state"] == {"global_step": 6}
-    (path / checkpoints.STATE_FILE).write_text(json.dumps({"format": 99}))
+    write_state(acc, path, {"train_state": {"global_step": 6}}, None)
+    assert read_state(path)["train_state"] == {"global_step": 6}
+    (path / STATE_FILE).write_text(json.dumps({"format": 99}))
     with pytest.raises(Exception, match="not a state this sdtool can read"):
-        checkpoints.read_state(path)
+        read_state(path)
 
 
 def test_resume_check_blocks_what_the_state_cannot_continue_and_warns_about_the_rest(capsys):
     saved = {"optimizer_type": "AdamW", "learning_rate": 1e-3, "output_dir": "/a", "sample_prompts": "p.txt"}
-    checkpoints.check_resume_config(saved, {**saved, "output_dir": "/b", "sample_prompts": None}, False, False)
+    check_resume_config(saved, {**saved, "output_dir": "/b", "sample_prompts": None}, False, False)
     assert "warning" not in capsys.readouterr().err
-    checkpoints.check_resume_config(saved, {**saved, "learning_rate": 2e-3}, False, False)
+    check_resume_config(saved, {**saved, "learning_rate": 2e-3}, False, False)
     assert "learning_rate: 0.001 in the state, 0.002 now" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="optimizer_type"):
-        checkpoints.check_resume_config(saved, {**saved, "optimizer_type": "Lion"}, False, False)
+        check_resume_config(saved, {**saved, "optimizer_type": "Lion"}, False, False)
     with pytest.raises(ConfigError, match="no EMA weights"):
-        checkpoints.check_resume_config(saved, saved, True, False)
+        check_resume_config(saved, saved, True, False)
 
 
 def test_ema_matches_the_formula_and_swaps_exactly(tmp_path):

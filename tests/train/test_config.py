@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdtool.errors import ConfigError
-from sdtool.train.config import load_config, parse_override
+from sdtool.train.config import load_config
+from sdtool.train.config.files import parse_override
 from tests.train.conftest import dataset_toml, write_config
 
 KOHYA = """
@@ -238,7 +239,7 @@ def test_readme_example_config_uses_only_known_keys():
     """The commented example in README `### train` stays in step with the schema (set and commented-out keys)."""
     import re
 
-    from sdtool.train.config import GENERAL_KEYS, SUBSET_KEYS, TOP_KEYS
+    from sdtool.train.config.schema import GENERAL_KEYS, SUBSET_KEYS, TOP_KEYS
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("### train", 1)[1].split("\n### ", 1)[0]

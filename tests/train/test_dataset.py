@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sdtool.buckets import cover_resize
+from sdtool.bucket.algorithm import cover_resize
 from sdtool.train.config import load_config
 from sdtool.train.dataset import BucketBatchSampler, TrainDataset, load_items
 from tests.train.conftest import dataset_toml, make_dataset, write_config
@@ -43,7 +43,7 @@ def test_missing_image_is_skipped_and_named(tmp_path, tiny_v1, capsys):
 
 
 def test_entries_without_train_resolution_are_bucketed_like_sdtool_bucket(tmp_path, tiny_v1):
-    from sdtool.buckets import BucketSettings, select_bucket
+    from sdtool.bucket.algorithm import BucketSettings, select_bucket
 
     images, meta = make_dataset(tmp_path / "d", 3)
     data = json.loads(meta.read_text())

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtool.hypernetwork import Hypernetwork, apply_hypernetwork, context_widths, remove_hypernetwork
+from sdtool.train.hypernetwork.attention import apply_hypernetwork, context_widths, remove_hypernetwork
+from sdtool.train.hypernetwork.network import Hypernetwork
 from tests.train.conftest import write_config, write_train_config
 
 CONFIG = """
@@ -224,7 +225,7 @@ def test_hypernetwork_keys_are_checked_before_any_model_loads(cli, tmp_path, tin
 
 
 def test_print_config_shows_the_structure_of_the_file_continued_from(cli, tmp_path, tiny_v1):
-    from sdtool.hypernetwork import Hypernetwork
+    from sdtool.train.hypernetwork.network import Hypernetwork
 
     file = Hypernetwork([32, 64], [1, 3, 1], "relu", True, 0.1).save(tmp_path / "start.pt")
     cfg = config(tmp_path, tiny_v1, "p", steps=1, extra=f'hypernetwork_weights = "{file}"')

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtool.buckets import BucketAssignment, BucketError, BucketSettings, Size, select_bucket
+from sdtool.bucket.algorithm import BucketAssignment, BucketError, BucketSettings, Size, select_bucket
 from sdtool.errors import ImageError, InputError
 from sdtool.images import read_size
 from sdtool.metadata import ImageResolver, Metadata, merge_metadata

@@ -28,7 +28,7 @@ import numpy as np
 from sdtool.console import Output, SkipReporter, info, progress_bar, warn
 from sdtool.errors import ModelError, UsageError
 from sdtool.images import list_images
-from sdtool.labeling.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
+from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 from sdtool.metadata import read_metadata, write_metadata
 
 RATING, GENERAL, CHARACTER = 9, 0, 4

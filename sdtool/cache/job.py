@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool import latents as lc
+from sdtool.cache.entry import CacheFormat, default_cache_dir, make_record, native_entry_path, write_native_entry
+from sdtool.cache.fingerprint import source_fingerprint, vae_fingerprint
+from sdtool.cache.kohya_npz import kohya_npz_path, write_kohya_npz
+from sdtool.cache.placement import CacheItem, plan_items
+from sdtool.cache.store import entry_status
 from sdtool.console import Output, SkipReporter, debug, info, progress_bar
 from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
 from sdtool.fsutil import TEMP_SUFFIX
@@ -31,7 +35,7 @@ from sdtool.runtime import usable_cpus
 class CacheOptions:
     """What `sdtool cache` was asked to do (validated by the CLI)."""
 
-    fmt: lc.CacheFormat = "sdtool"
+    fmt: CacheFormat = "sdtool"
     cache_dir: Path | None = None
     flip_aug: bool = False
     batch_size: int = 4
@@ -52,20 +56,20 @@ class CacheSummary:
 
 @dataclass
 class _Loaded:
-    item: lc.CacheItem
+    item: CacheItem
     pixels: Any = None
     source: dict[str, Any] | None = None
     error: str | None = None
 
 
-def _load(item: lc.CacheItem, interpolation: str) -> _Loaded:
+def _load(item: CacheItem, interpolation: str) -> _Loaded:
     """Runs in a loader thread: fingerprint the file, then decode, resize and crop it."""
-    from sdtool.pixels import load_bucketed_pixels
+    from sdtool.cache.pixels import load_bucketed_pixels
 
     p = item.placement
     try:
         # Fingerprint before decoding: if the file changes meanwhile, the entry looks stale, never wrongly fresh.
-        source = lc.source_fingerprint(item.image_path)
+        source = source_fingerprint(item.image_path)
         pixels = load_bucketed_pixels(item.image_path, p.resized, p.bucket, interpolation, p.original_size)
     except ImageError as exc:
         return _Loaded(item, error=exc.reason)
@@ -74,9 +78,9 @@ def _load(item: lc.CacheItem, interpolation: str) -> _Loaded:
     return _Loaded(item, pixels=pixels, source=source)
 
 
-def bucket_batches(items: list[lc.CacheItem], batch_size: int) -> list[list[lc.CacheItem]]:
+def bucket_batches(items: list[CacheItem], batch_size: int) -> list[list[CacheItem]]:
     """Batches of at most `batch_size` images that all share one bucket (metadata order within a bucket)."""
-    by_bucket: dict[tuple[int, int], list[lc.CacheItem]] = {}
+    by_bucket: dict[tuple[int, int], list[CacheItem]] = {}
     for item in items:
         by_bucket.setdefault(item.placement.bucket, []).append(item)
     batches = []
@@ -87,7 +91,7 @@ def bucket_batches(items: list[lc.CacheItem], batch_size: int) -> list[list[lc.C
 
 
 def prefetch_batches(
-    batches: list[list[lc.CacheItem]], interpolation: str, workers: int, ahead: int
+    batches: list[list[CacheItem]], interpolation: str, workers: int, ahead: int
 ) -> Iterator[list[_Loaded]]:
     """Yield loaded batches in order while a thread pool prepares up to `ahead` batches beyond the current one."""
     if workers <= 0:
@@ -175,8 +179,8 @@ def run_cache(
             # Every rank plans the same work; rank 0 alone reports the planning, so the others discard theirs.
             output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
         metadata_path = Path(metadata_path)
-        cache_dir = Path(options.cache_dir) if options.cache_dir is not None else lc.default_cache_dir(metadata_path)
-        items, problems = lc.plan_items(metadata_path, image_dir)
+        cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir(metadata_path)
+        items, problems = plan_items(metadata_path, image_dir)
         summary = CacheSummary()
         for path, reason in problems:
             skips.skip(path, reason)
@@ -187,7 +191,7 @@ def run_cache(
 
         vae_source = str(vae if vae is not None else model)
         try:
-            fingerprint: str | None = lc.vae_fingerprint(vae_source)
+            fingerprint: str | None = vae_fingerprint(vae_source)
         except SdtoolError as exc:
             # A hub model that is not downloaded yet: it is fingerprinted after loading fetches it.
             debug(f"VAE fingerprint before loading failed: {exc.one_line()}")
@@ -210,7 +214,7 @@ def run_cache(
         memory_format = conv_memory_format(device)
         vae_module = vae_module.to(memory_format=memory_format)
         if fingerprint is None:
-            fingerprint = lc.vae_fingerprint(vae_source)
+            fingerprint = vae_fingerprint(vae_source)
             todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
 
         if options.fmt == "sdtool":
@@ -365,19 +369,19 @@ class _Ranks:
 
 
 def _select_work(
-    items: list[lc.CacheItem],
+    items: list[CacheItem],
     cache_dir: Path,
     fingerprint: str | None,
     options: CacheOptions,
     output: Output,
     summary: CacheSummary,
-) -> list[lc.CacheItem]:
+) -> list[CacheItem]:
     """Items whose entry is missing or stale (all with --overwrite); up-to-date ones are reported as kept."""
     if options.overwrite:
         return list(items)
     todo = []
     for item in items:
-        st = lc.entry_status(
+        st = entry_status(
             item,
             fmt=options.fmt,
             cache_dir=cache_dir,
@@ -397,13 +401,13 @@ def _select_work(
 
 
 def _drop_npz_collisions(
-    items: list[lc.CacheItem], output: Output, summary: CacheSummary, skips: SkipReporter
-) -> list[lc.CacheItem]:
+    items: list[CacheItem], output: Output, summary: CacheSummary, skips: SkipReporter
+) -> list[CacheItem]:
     """kohya names drop the extension: of two images that would share an npz file, the second is skipped."""
     owners: dict[Path, Path] = {}
     kept = []
     for item in items:
-        npz = lc.kohya_npz_path(item.image_path, item.placement.original_size)
+        npz = kohya_npz_path(item.image_path, item.placement.original_size)
         owner = owners.setdefault(npz, item.image_path)
         if owner != item.image_path:
             reason = f"its kohya cache name {npz.name} is taken by {owner.name} (use --format sdtool)"
@@ -419,7 +423,7 @@ def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any,
     """Posterior mean and std (float32, CPU) of a one-bucket batch; with `flip` the mirrored crops follow."""
     import torch
 
-    from sdtool.pixels import to_tensor
+    from sdtool.cache.pixels import to_tensor
 
     tensors = [to_tensor(e.pixels) for e in batch]
     if flip:
@@ -453,7 +457,7 @@ class _EntryWriter:
         self.skips = skips
         self.summary = summary
 
-    def skip(self, item: lc.CacheItem, reason: str) -> None:
+    def skip(self, item: CacheItem, reason: str) -> None:
         self.skips.skip(item.image_path, reason)
         self.output.record({"path": str(item.image_path), "status": "skipped", "reason": reason})
         self.summary.skipped += 1
@@ -472,7 +476,7 @@ class _EntryWriter:
             self.skip(item, f"the VAE produced NaN/inf latents ({', '.join(bad)}); not written")
             return
         assert entry.source is not None
-        record = lc.make_record(
+        record = make_record(
             item.image_path,
             item.placement,
             entry.source,
@@ -483,7 +487,7 @@ class _EntryWriter:
             flip=self.options.flip_aug,
         )
         if self.options.fmt == "sdtool":
-            path = lc.write_native_entry(lc.native_entry_path(item.image_path, self.cache_dir), tensors, record)
+            path = write_native_entry(native_entry_path(item.image_path, self.cache_dir), tensors, record)
         else:
             path = self._write_kohya(item, tensors, record)
         self.summary.written += 1
@@ -491,7 +495,7 @@ class _EntryWriter:
         self.output.path(path)
         self.output.record({"path": str(item.image_path), "status": "written", "latents": str(path)})
 
-    def _write_kohya(self, item: lc.CacheItem, tensors: dict[str, Any], record: dict[str, Any]) -> Path:
+    def _write_kohya(self, item: CacheItem, tensors: dict[str, Any], record: dict[str, Any]) -> Path:
         """kohya files hold one posterior sample, drawn with a per-image seed so reruns write the same file."""
         import torch
 
@@ -503,8 +507,8 @@ class _EntryWriter:
         latents = draw(tensors["mean"], tensors["std"])
         flipped = draw(tensors["flipped_mean"], tensors["flipped_std"]) if "flipped_mean" in tensors else None
         p = item.placement
-        return lc.write_kohya_npz(
-            lc.kohya_npz_path(item.image_path, p.original_size),
+        return write_kohya_npz(
+            kohya_npz_path(item.image_path, p.original_size),
             latents,
             original_size=p.original_size,
             crop_ltrb=p.crop_ltrb,

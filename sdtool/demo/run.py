@@ -110,7 +110,7 @@ def run_demo(folder: Path | None = None, device: str = "cpu", overwrite: bool = 
     metadata, output = root / "meta.json", root / "output"
 
     _section("1/6 generate a captioned image set and a tiny SD-shaped model (offline)")
-    from sdtool.demo_data import make_demo_images
+    from sdtool.demo.data import make_demo_images
     from sdtool.models.tiny import save_tiny_model
 
     made = make_demo_images(images)
@@ -207,8 +207,9 @@ def _sample(model_dir: Path, target: Path, device: str) -> Path:
     """One image from the converted model, using sdtool's sampling (the same code training samples with)."""
     from sdtool.models.loading import load_model
     from sdtool.runtime import resolve_device
-    from sdtool.sampling import SamplePrompt, generate_samples
     from sdtool.text import encode_prompts
+    from sdtool.train.sample_prompts import SamplePrompt
+    from sdtool.train.sampling import generate_samples
 
     model = load_model(model_dir)
     prompt = SamplePrompt(prompt=SAMPLE_PROMPT, width=DEMO_RESOLUTION, height=DEMO_RESOLUTION, seed=7, steps=12)

@@ -1,6 +1,6 @@
 """Hypernetwork training (issue 12): the pieces the fine-tuning recipe needs when `train_hypernetwork = true`.
 
-The U-Net and text encoder stay frozen; `sdtool.hypernetwork.apply_hypernetwork` puts the hypernetwork's MLPs into
+The U-Net and text encoder stay frozen; `attention.apply_hypernetwork` puts the hypernetwork's MLPs into
 the U-Net's attention, so gradients flow through the frozen U-Net (gradient checkpointing included) into the
 hypernetwork only. Accelerate prepares a `HypernetworkDenoiser`: a module whose only submodule is the hypernetwork
 and whose forward calls the U-Net, so that DDP synchronises the hypernetwork's gradients (its hooks need the forward
@@ -14,7 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from sdtool.hypernetwork import Hypernetwork, HypernetworkOptions, apply_hypernetwork, build_hypernetwork
+from sdtool.train.hypernetwork.attention import apply_hypernetwork
+from sdtool.train.hypernetwork.network import Hypernetwork
+from sdtool.train.hypernetwork.options import HypernetworkOptions, build_hypernetwork
 
 
 class HypernetworkDenoiser(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sdtool.buckets import crop_ltrb
+from sdtool.bucket.algorithm import crop_ltrb
 from sdtool.errors import ImageError
 from sdtool.images import open_image
 

@@ -15,7 +15,7 @@ from typing import Any
 from sdtool.console import Output, SkipReporter, info, progress_bar
 from sdtool.errors import ModelError, UsageError
 from sdtool.images import list_images
-from sdtool.labeling.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
+from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 
 # Remote-code models name their classes in `config.auto_map`; these are tried in this order.
 _REMOTE_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM")
