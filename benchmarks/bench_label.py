@@ -62,7 +62,9 @@ def best_times(reference, candidate, repeats: int) -> tuple[float, float]:
 def bench_tag(
     root: Path, images: Path, batch_size: int, workers: int | None, repeats: int, conv: int
 ) -> tuple[float, float]:
-    from sdtool.label.taggers import Tagger, TagOptions, select_tags, tag_images
+    from sdtool.label.tagger_model import Tagger
+    from sdtool.label.taggers import tag_images
+    from sdtool.label.tags import TagOptions, select_tags
     from sdtool.label.tiny import save_mean_tagger, write_selected_tags
 
     model = root / "tagger"

@@ -76,7 +76,8 @@ def sdtool_run(root: Path, model_dir: Path, meta_path: Path, steps: int, batch: 
     from accelerate.state import AcceleratorState
 
     from sdtool.train.config import load_config
-    from sdtool.train.recipe import FineTuneRecipe, make_plan
+    from sdtool.train.plan import make_plan
+    from sdtool.train.recipe import FineTuneRecipe
 
     cfg_path = root / "bench.toml"
     cfg_path.write_text(

@@ -65,9 +65,9 @@ def speedup(
 
 def sd15_config(component: str) -> dict[str, Any]:
     """The SD1.5 `unet` or `vae` config shipped in `sdtool/models/configs/sd15`, as constructor keyword arguments."""
-    from sdtool.models.loading import default_config_dir
+    from sdtool.models.families.sd1 import SD1
 
-    path = default_config_dir(v2=False, v_prediction=False) / component / "config.json"
+    path = SD1.config_dir(v_prediction=False) / component / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     return {key: value for key, value in config.items() if not key.startswith("_")}
 

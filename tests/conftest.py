@@ -11,6 +11,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Rendering does not depend on the terminal the suite runs in: rich reads COLUMNS once, when a console is made,
+# and tables wrap their headers at the width they get. Tests that check narrow output make their own console.
+os.environ["COLUMNS"] = "200"
+os.environ.pop("LINES", None)
+
 # Nothing in the tests may reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -24,6 +24,7 @@ from sdtool.cache.entry import CacheFormat, default_cache_dir, make_record, nati
 from sdtool.cache.fingerprint import source_fingerprint, vae_fingerprint
 from sdtool.cache.kohya_npz import kohya_npz_path, write_kohya_npz
 from sdtool.cache.placement import CacheItem, plan_items
+from sdtool.cache.ranks import QuietSkips, Ranks
 from sdtool.cache.store import entry_status
 from sdtool.console import Output, SkipReporter, debug, info, progress_bar
 from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
@@ -173,11 +174,11 @@ def run_cache(
     """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
-    with _Ranks.start() as ranks:
+    with Ranks.start() as ranks:
         main_output, main_skips = output, skips
         if not ranks.main:
             # Every rank plans the same work; rank 0 alone reports the planning, so the others discard theirs.
-            output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
+            output, skips = Output(output.json_lines, stream=io.StringIO()), QuietSkips()
         metadata_path = Path(metadata_path)
         cache_dir = Path(options.cache_dir) if options.cache_dir is not None else default_cache_dir(metadata_path)
         items, problems = plan_items(metadata_path, image_dir)
@@ -237,8 +238,8 @@ def run_cache(
         )
         mine = batches[ranks.rank :: ranks.size]
         if not ranks.main:
-            # What this rank writes and skips goes to rank 0 at the end (see _Ranks.gather).
-            output, skips = Output(output.json_lines, stream=io.StringIO()), _QuietSkips()
+            # What this rank writes and skips goes to rank 0 at the end (see Ranks.gather).
+            output, skips = Output(output.json_lines, stream=io.StringIO()), QuietSkips()
             summary = CacheSummary()
         writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
         # Checks and atomic (fsynced) writes run on one writer thread, in order, while the VAE encodes the next batch;
@@ -265,107 +266,14 @@ def run_cache(
                 pending.popleft().result()
         if ranks.size > 1:
             summary = ranks.gather(summary, output, skips, main_output, main_skips)
-            if not ranks.main:
-                return summary
-        if summary.nonfinite:
-            raise NonFiniteError(
-                f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; "
-                "they were not written",
-                hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
-            )
-        return summary
-
-
-class _QuietSkips(SkipReporter):
-    """Collects skips without printing them (ranks other than 0)."""
-
-    def skip(self, path: str | Path, reason: str) -> None:
-        self.skipped.append((str(path), reason))
-
-
-@dataclass
-class _Ranks:
-    """This process's place in a launched run, with the few collectives the cache job needs (gloo, CPU)."""
-
-    rank: int = 0
-    size: int = 1
-    local: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def start(cls) -> _Ranks:
-        """Join the launcher's process group (env:// rendezvous) when started by torchrun / accelerate launch."""
-        from sdtool.launch import local_rank, process_rank, world_size
-
-        ranks = cls(process_rank(), world_size(), local_rank())
-        if ranks.size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.size)
-                ranks.owns_group = True
-        return ranks
-
-    def __enter__(self) -> _Ranks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.owns_group = False
-
-    def device(self, device: str) -> str:
-        """Each rank its own GPU: `auto` / `cuda` become `cuda:LOCAL_RANK` when CUDA is there."""
-        if self.size == 1 or device.lower() not in ("auto", "cuda"):
-            return device
-        import torch
-
-        return f"cuda:{self.local}" if torch.cuda.is_available() else device
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def gather(
-        self,
-        summary: CacheSummary,
-        output: Output,
-        skips: SkipReporter,
-        main_output: Output,
-        main_skips: SkipReporter,
-    ) -> CacheSummary:
-        """Rank 0 prints the other ranks' output and skips and returns the summed summary; others return theirs."""
-        import torch.distributed as dist
-
-        mine = None
-        if not self.main:
-            text = output.stream.getvalue()
-            mine = (vars(summary), text, skips.skipped, skips.done)
-        everything: list[Any] = [None] * self.size
-        dist.all_gather_object(everything, mine)
-        if not self.main:
-            return summary
-        for part in everything[1:]:
-            counts, text, skipped, done = part
-            for name, n in counts.items():
-                setattr(summary, name, getattr(summary, name) + n)
-            if text:
-                main_output.stream.write(text)
-                main_output.stream.flush()
-            main_skips.extend(skipped)
-            main_skips.ok(done)
-        return summary
+        main = ranks.main
+    # Raised after every rank has left the process group together (see Ranks.close).
+    if main and summary.nonfinite:
+        raise NonFiniteError(
+            f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; they were not written",
+            hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
+        )
+    return summary
 
 
 def _select_work(

@@ -14,6 +14,7 @@ NO_ARGS_IS_HELP = False
 
 
 def command(
+    ctx: typer.Context,
     dir: Annotated[
         Path | None, typer.Option("--dir", help="Where the demo writes everything (default: ./sdtool-demo).")
     ] = None,
@@ -25,5 +26,10 @@ def command(
     """Run the whole chain offline on a generated dataset and a tiny model."""
     from sdtool.demo.run import run_demo
 
-    root = run_demo(dir, device, overwrite)
+    root_command = ctx.find_root().command
+
+    def run_step(argv: list[str]) -> int | None:
+        return root_command.main(args=argv, prog_name="sdtool", standalone_mode=False)
+
+    root = run_demo(run_step, dir, device, overwrite)
     typer.echo(str(root))

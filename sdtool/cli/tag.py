@@ -67,7 +67,8 @@ def command(
 ) -> None:
     """Write booru tags (.txt) for images with a WD14 / DeepDanbooru ONNX tagger."""
     from sdtool.console import Output, SkipReporter
-    from sdtool.label.taggers import TagOptions, split_tag_list, tag_images
+    from sdtool.label.taggers import tag_images
+    from sdtool.label.tags import TagOptions, split_tag_list
 
     options = TagOptions(
         general_threshold=threshold if general_threshold is None else general_threshold,

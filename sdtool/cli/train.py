@@ -75,7 +75,9 @@ def command(
         if code:
             raise typer.Exit(code)
         return
-    from sdtool.train.recipe import FineTuneRecipe, estimate_memory, make_plan, print_plan
+    from sdtool.train.memory import estimate_memory
+    from sdtool.train.plan import make_plan, print_plan
+    from sdtool.train.recipe import FineTuneRecipe
 
     plan = make_plan(cfg)
     print_plan(cfg, plan)

@@ -11,6 +11,7 @@ import contextlib
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sdtool.console import err, info
@@ -95,8 +96,17 @@ def prepare_folder(root: Path, overwrite: bool) -> None:
     (root / MARKER).write_text("written by sdtool demo; `sdtool demo --overwrite` may replace this folder\n")
 
 
-def run_demo(folder: Path | None = None, device: str = "cpu", overwrite: bool = False) -> Path:
-    """Run every step; return the folder holding everything the demo wrote."""
+def run_demo(
+    run_step: Callable[[list[str]], int | None],
+    folder: Path | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> Path:
+    """Run every step; return the folder holding everything the demo wrote.
+
+    `run_step(argv)` runs one `sdtool` command line in this process and returns its exit code (the CLI passes its
+    own root command, so the demo shows exactly what a user would type and never imports the CLI back).
+    """
     started = time.perf_counter()
     root = (folder or Path("sdtool-demo")).absolute()
     prepare_folder(root, overwrite)
@@ -120,6 +130,7 @@ def run_demo(folder: Path | None = None, device: str = "cpu", overwrite: bool = 
 
     _section("2/6 bucket: read sizes, assign aspect-ratio buckets, write the metadata")
     _run(
+        run_step,
         [
             "bucket",
             images,
@@ -131,11 +142,11 @@ def run_demo(folder: Path | None = None, device: str = "cpu", overwrite: bool = 
             "64",
             "--max-bucket-reso",
             "256",
-        ]
+        ],
     )
 
     _section("3/6 cache: encode every bucketed image with the VAE (mean and std, flipped too)")
-    _run(["cache", metadata, "--model", model, "--flip-aug", "--device", device])
+    _run(run_step, ["cache", metadata, "--model", model, "--flip-aug", "--device", device])
 
     _section(f"4/6 train: {DEMO_STEPS} steps, 225-token prompts, clip_skip 2, samples every 10 steps")
     prompts = root / "prompts.txt"
@@ -155,12 +166,12 @@ def run_demo(folder: Path | None = None, device: str = "cpu", overwrite: bool = 
         )
     )
     info(f"config written to {config}")
-    _run(["train", config])
+    _run(run_step, ["train", config])
 
     _section("5/6 convert: the trained single file to a diffusers folder")
     trained = output / "demo.safetensors"
     converted = root / "demo-diffusers"
-    _run(["convert", trained, converted, "--config", model])
+    _run(run_step, ["convert", trained, converted, "--config", model])
 
     _section("6/6 sample: an image from the converted model, with the same long-prompt encoding")
     sample = _sample(converted, root / "sample.png", device)
@@ -187,18 +198,13 @@ def _section(title: str) -> None:
     err.rule(f"[bold]{title}", align="left")
 
 
-def _run(args: list[object]) -> None:
+def _run(run_step: Callable[[list[str]], int | None], args: list[object]) -> None:
     """Print the command as a user would type it, then run it through the CLI in this process."""
-    import typer
-
-    from sdtool.cli import app
-
     argv = [str(a) for a in args]
     info(f"[cyan]$ {shlex.join(['sdtool', *argv])}[/cyan]")
-    command = typer.main.get_command(app)
     # The demo's own stdout lists its results; the steps' data lines (written paths) are shown to the reader.
     with contextlib.redirect_stdout(sys.stderr):
-        code = command.main(args=argv, prog_name="sdtool", standalone_mode=False)
+        code = run_step(argv)
     if code:
         raise SdtoolError(f"the demo step 'sdtool {argv[0]}' failed (exit {code})", hint="see the messages above")
 

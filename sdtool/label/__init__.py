@@ -1,5 +1,7 @@
-"""Labelling images: captioners (BLIP, GIT, any image-to-text model) and booru taggers (WD14, DeepDanbooru).
+"""`sdtool caption` and `sdtool tag` (CONTRACT §K): captioners (BLIP, GIT, any image-to-text model) and booru
+taggers (WD14, DeepDanbooru).
 
 `loading` reads and preprocesses images in parallel DataLoader workers and plans which sidecars to write;
-`captioners` and `taggers` hold the models and the per-command runs.
+`captioners` holds the caption models and run; `tagger_model` the ONNX taggers, `tags` the tag-text rules and
+`taggers` the tag run.
 """

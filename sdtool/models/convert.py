@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from sdtool.console import info
 from sdtool.errors import SdtoolError, UsageError
+from sdtool.models.families.base import ModelFamily
 from sdtool.models.loading import ModelTypeArg, PredictionArg
 from sdtool.models.saving import SINGLE_FILE_EXTENSIONS
 
@@ -27,7 +28,7 @@ class ConvertResult:
 
     path: Path
     format: TargetFormat
-    v2: bool
+    family: ModelFamily
     v_prediction: bool
     dtype: Any
 
@@ -70,7 +71,7 @@ def conversion_metadata(model: Any, dst: Path) -> dict[str, str]:
     from sdtool.models.saving import modelspec_metadata, native_resolution
 
     meta = modelspec_metadata(
-        v2=model.v2,
+        family=model.family,
         v_prediction=model.v_prediction,
         title=dst.stem,
         resolution=native_resolution(model.unet, model.vae),
@@ -124,13 +125,19 @@ def convert_checkpoint(
     else:
         metadata = conversion_metadata(model, dst) if fmt == "safetensors" else None
         save_single_file(
-            model, dst, v2=model.v2, v_prediction=model.v_prediction, dtype=out_dtype, metadata=metadata, fmt=fmt
+            model,
+            dst,
+            family=model.family,
+            v_prediction=model.v_prediction,
+            dtype=out_dtype,
+            metadata=metadata,
+            fmt=fmt,
         )
     info(
-        f"converted {src} (SD {model.model_type}, {model.prediction_type}) → {dst} "
+        f"converted {src} ({model.family.title}, {model.prediction_type}) → {dst} "
         f"({fmt}, {_precision_name(out_dtype)}{'' if dtype is not None else ', as the source'})"
     )
-    return ConvertResult(path=dst, format=fmt, v2=model.v2, v_prediction=model.v_prediction, dtype=out_dtype)
+    return ConvertResult(path=dst, format=fmt, family=model.family, v_prediction=model.v_prediction, dtype=out_dtype)
 
 
 def _precision_name(dtype: Any) -> str:

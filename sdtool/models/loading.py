@@ -1,11 +1,12 @@
-"""Load an SD v1.x / v2.x model: every `from_pretrained` / `from_single_file` call lives in this package.
+"""Load a Stable Diffusion model: every `from_pretrained` / `from_single_file` call lives in this package.
 
-`load_model` returns an `SDModel` with the components and what was detected about them (v1 or v2, epsilon or v).
+`load_model` returns an `SDModel` with the components and what was detected about them (the model family, epsilon
+or v prediction).
 Sources: a diffusers folder, a hub id, or a single file (.safetensors, .ckpt/.pt) in the original LDM layout.
 
 Single files are loaded through diffusers' own single-file support (`from_single_file`), which needs diffusers
-configs: those of `config=` (a diffusers folder), or else the defaults shipped in `sdtool/models/configs/` for
-SD1.5, SD2-512 and SD2-768-v. The defaults carry no tokenizer; it comes from the hub (or its cache).
+configs: those of `config=` (a diffusers folder), or else the family's defaults shipped in `sdtool/models/configs/`
+(SD1.5, SD2-512, SD2-768-v). The defaults carry no tokenizer; it comes from the hub (or its cache).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Literal
 
 from sdtool.console import warn
 from sdtool.errors import ModelError, UsageError
+from sdtool.models import families
+from sdtool.models.families.base import ModelFamily
 from sdtool.runtime import quiet_third_party
 
 ModelTypeArg = Literal["auto", "v1", "v2"]
@@ -28,15 +31,15 @@ class SDModel:
     """The parts of a Stable Diffusion model sdtool works with, and what it is."""
 
     source: str
-    v2: bool
+    family: ModelFamily
     v_prediction: bool
     unet: Any = None
     vae: Any = None
     text_encoder: Any = None
     tokenizer: Any = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
-    # OpenCLIP keys of a source single file that diffusers has no place for (v2 `text_projection`, `logit_scale`,
-    # the unused 24th block): carried into single files saved from this model.
+    # Text-encoder keys of a source single file that diffusers has no place for (the family's `ldm_extras`, e.g.
+    # OpenCLIP's `text_projection`): carried into single files saved from this model.
     ldm_extras: dict[str, Any] = field(default_factory=dict)
     # The source file's safetensors metadata (modelspec …), {} otherwise.
     source_metadata: dict[str, str] = field(default_factory=dict)
@@ -49,48 +52,43 @@ class SDModel:
 
     @property
     def model_type(self) -> str:
-        return "v2" if self.v2 else "v1"
+        """The family's name, as --model-type spells it."""
+        return self.family.name
+
+    @property
+    def v2(self) -> bool:
+        """Whether this is an SD 2.x model (the `v2` of kohya's configs)."""
+        return self.family.kohya_v2
 
 
 def _is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
 
 
-def detect_v2(unet_config: dict[str, Any] | None, text_config: dict[str, Any] | None) -> bool | None:
-    """v2 from the weights' configs: cross-attention width 1024, or an OpenCLIP-style text encoder (gelu)."""
-    if unet_config is not None and unet_config.get("cross_attention_dim") == 1024:
-        return True
-    if text_config is not None:
-        return bool(text_config.get("hidden_size") == 1024 or text_config.get("hidden_act") == "gelu")
-    if unet_config is not None:
-        return unet_config.get("cross_attention_dim") == 1024
-    return None
-
-
-def resolve_flags(
-    detected_v2: bool | None,
+def resolve_family(
+    detected: ModelFamily | None,
     detected_v: bool | None,
     model_type: ModelTypeArg = "auto",
     prediction: PredictionArg = "auto",
     where: str = "",
-) -> tuple[bool, bool]:
-    """Explicit choices win over detection; an explicit choice that contradicts the weights is an error."""
-    v2 = detected_v2 if detected_v2 is not None else False
+) -> tuple[ModelFamily, bool]:
+    """Explicit choices win over detection; an explicit family that contradicts the weights is an error."""
+    family = detected if detected is not None else families.by_name("v1")
     if model_type != "auto":
-        wanted = model_type == "v2"
-        if detected_v2 is not None and wanted != detected_v2:
+        wanted = families.by_name(model_type)
+        if detected is not None and wanted is not detected:
             raise UsageError(
-                f"{where}: model type {model_type} contradicts the weights, which are {'v2' if detected_v2 else 'v1'}",
+                f"{where}: model type {model_type} contradicts the weights, which are {detected.name}",
                 hint="drop the explicit model type or pick the right model",
             )
-        v2 = wanted
+        family = wanted
     v = bool(detected_v)
     if prediction != "auto":
         v = prediction == "v"
         if detected_v is not None and v != detected_v:
             said = "v_prediction" if detected_v else "epsilon"
             warn(f"{where}: predicting {'v' if v else 'epsilon'} as asked, although the model says {said}")
-    return v2, v
+    return family, v
 
 
 def load_model(
@@ -154,11 +152,12 @@ def _load_diffusers(
     except OSError as exc:
         raise ModelError(f"{src}: cannot load the model ({exc})") from exc
     detected_v = scheduler_config.get("prediction_type") == "v_prediction"
-    v2, v = resolve_flags(detect_v2(unet_config, text_config), detected_v, model_type, prediction, src)
+    detected = families.detect_configs(unet_config, text_config)
+    family, v = resolve_family(detected, detected_v, model_type, prediction, src)
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
     return SDModel(
         source=src,
-        v2=v2,
+        family=family,
         v_prediction=v,
         scheduler_config=scheduler_config,
         source_dtype=_folder_dtype(Path(src) / "unet"),
@@ -202,20 +201,6 @@ def _text_config(src: str) -> dict[str, Any] | None:
         return None
 
 
-# Built-in configs for single files loaded without `config=` (package data), and where their tokenizers live.
-CONFIGS_DIR = Path(__file__).parent / "configs"
-DEFAULT_TOKENIZERS = {
-    "v1": ("openai/clip-vit-large-patch14", None),
-    "v2": ("stabilityai/stable-diffusion-2", "tokenizer"),
-}
-
-
-def default_config_dir(v2: bool, v_prediction: bool) -> Path:
-    """The shipped diffusers configs for SD1.5, SD2-512 (epsilon) or SD2-768-v."""
-    name = ("sd2-768-v" if v_prediction else "sd2-512") if v2 else "sd15"
-    return CONFIGS_DIR / name
-
-
 def prediction_from_metadata(metadata: dict[str, str]) -> bool | None:
     """v-prediction from modelspec metadata (`prediction_type`, else an architecture ending in `-v`); None: unknown."""
     kind = metadata.get("modelspec.prediction_type", "").strip().lower()
@@ -223,10 +208,9 @@ def prediction_from_metadata(metadata: dict[str, str]) -> bool | None:
         return True
     if kind == "epsilon":
         return False
-    arch = metadata.get("modelspec.architecture", "").strip().lower()
-    if arch.startswith("stable-diffusion-v2") or arch == "stable-diffusion-v1":
-        return arch.endswith("-v")
-    return None
+    arch = metadata.get("modelspec.architecture", "")
+    family = families.from_architecture(arch)
+    return family.prediction_from_architecture(arch) if family is not None else None
 
 
 def _load_single_file(
@@ -240,9 +224,10 @@ def _load_single_file(
 ) -> SDModel:
     from sdtool.models import ldm_keys
     from sdtool.models.checkpoint import dominant_float_dtype, read_checkpoint
+    from sdtool.models.families.sd1 import normalize_ldm_keys
 
     state_dict, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
-    state_dict = ldm_keys.normalize_ldm_keys(state_dict)
+    state_dict = normalize_ldm_keys(state_dict)
     if not ldm_keys.has_component(state_dict, "unet"):
         raise ModelError(f"{path}: no U-Net weights ({ldm_keys.UNET_PREFIX}*): not an SD checkpoint in LDM layout")
     detected_v = prediction_from_metadata(metadata)
@@ -253,31 +238,27 @@ def _load_single_file(
             raise UsageError(f"{config}: not a diffusers folder (no model_index.json or unet/) to take configs from")
         if detected_v is None:
             detected_v = _scheduler_config(config_dir).get("prediction_type") == "v_prediction"
-    detected_v2 = ldm_keys.detect_v2_ldm(state_dict)
-    v2, v = resolve_flags(detected_v2, detected_v, model_type, prediction, str(path))
+    detected = families.detect_ldm(state_dict)
+    family, v = resolve_family(detected, detected_v, model_type, prediction, str(path))
     if config_dir is None:
-        if detected_v2 is None and model_type == "auto":
+        if detected is None and model_type == "auto":
             raise ModelError(
-                f"{path}: cannot tell SD v1 from v2 (no text encoder, unusual cross-attention width)",
+                f"{path}: cannot tell its model family (no text encoder, unusual cross-attention width)",
                 hint="pass --model-type, or --config with the model's diffusers folder",
             )
-        if v2 and detected_v is None and prediction == "auto":
+        if family.prediction_matters and detected_v is None and prediction == "auto":
             warn(f"{path}: no prediction type recorded; assuming epsilon (pass --prediction v for a 768-v model)")
-        config_dir = default_config_dir(v2, v)
+        config_dir = family.config_dir(v)
     scheduler_config = _scheduler_config(config_dir)
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
 
-    loaded = _components_from_ldm(path, state_dict, config_dir, dtype, components, v2, explicit=config is not None)
-    extras: dict[str, Any] = {}
-    if v2:
-        layers = int(_json(config_dir / "text_encoder" / "config.json")["num_hidden_layers"])
-        extras = ldm_keys.openclip_extras(state_dict, layers)
+    loaded = _components_from_ldm(path, state_dict, config_dir, dtype, components, family, config is not None)
     return SDModel(
         source=str(path),
-        v2=v2,
+        family=family,
         v_prediction=v,
         scheduler_config=scheduler_config,
-        ldm_extras=extras,
+        ldm_extras=family.ldm_extras(state_dict, config_dir),
         source_metadata=metadata,
         source_dtype=dominant_float_dtype(state_dict),
         **loaded,
@@ -304,7 +285,7 @@ def _components_from_ldm(
     config_dir: Path,
     dtype: Any,
     components: tuple[str, ...],
-    v2: bool,
+    family: ModelFamily,
     explicit: bool,
 ) -> dict[str, Any]:
     """Build the diffusers components from LDM weights with diffusers' single-file loaders."""
@@ -330,8 +311,8 @@ def _components_from_ldm(
                 raise ModelError(f"{path}: holds no VAE ({ldm_keys.VAE_PREFIX}*)", hint="supply one with --vae")
             loaded["vae"] = AutoencoderKL.from_single_file(state_dict, config=cfg, subfolder="vae", torch_dtype=dtype)
         if "text_encoder" in components:
-            if not ldm_keys.has_component(state_dict, "text_encoder"):
-                raise ModelError(f"{path}: holds no text encoder (cond_stage_model.*)")
+            if not family.has_text_encoder(state_dict):
+                raise ModelError(f"{path}: holds no text encoder ({', '.join(family.text_encoder_prefixes)}*)")
             loaded["text_encoder"] = create_diffusers_clip_model_from_ldm(
                 CLIPTextModel, state_dict, subfolder="text_encoder", config=cfg, torch_dtype=dtype
             )
@@ -344,7 +325,7 @@ def _components_from_ldm(
         if missing:
             raise ModelError(f"{path}: {len(missing)} {name} weights missing for {where}, e.g. {missing[0]}", hint=hint)
     if "tokenizer" in components:
-        loaded["tokenizer"] = _tokenizer_for(config_dir, v2, explicit)
+        loaded["tokenizer"] = _tokenizer_for(config_dir, family, explicit)
     return loaded
 
 
@@ -355,7 +336,7 @@ def checked_tokenizer(tokenizer: Any, where: str) -> Any:
     return tokenizer
 
 
-def _tokenizer_for(config_dir: Path, v2: bool, explicit: bool) -> Any:
+def _tokenizer_for(config_dir: Path, family: ModelFamily, explicit: bool) -> Any:
     from transformers import CLIPTokenizer
 
     if explicit:
@@ -365,13 +346,12 @@ def _tokenizer_for(config_dir: Path, v2: bool, explicit: bool) -> Any:
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"{config_dir}: no usable tokenizer/ ({_first_line(exc)})") from exc
-    repo, subfolder = DEFAULT_TOKENIZERS["v2" if v2 else "v1"]
+    repo, subfolder = family.default_tokenizer
     try:
         return checked_tokenizer(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder), repo)
     except (OSError, ValueError) as exc:
         raise ModelError(
-            f"the SD {'v2' if v2 else 'v1'} tokenizer ({repo}) is neither in the hub cache nor downloadable "
-            f"({_first_line(exc)})",
+            f"the {family.title} tokenizer ({repo}) is neither in the hub cache nor downloadable ({_first_line(exc)})",
             hint="pass --config DIR, a diffusers folder of the same model family with a tokenizer/ in it",
         ) from exc
 

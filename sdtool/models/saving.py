@@ -1,9 +1,10 @@
 """Save SD models: single files in the original LDM layout (with modelspec metadata) and diffusers folders.
 
 The API training and `sdtool convert` share:
-- `save_single_file(model_or_components, path, v2=…, v_prediction=…, dtype=…, metadata=…, fmt=…)`
+- `save_single_file(model_or_components, path, family=…, v_prediction=…, dtype=…, metadata=…, fmt=…)`
 - `save_diffusers(model, path, dtype=…, safe_serialization=…)`
-- `modelspec_metadata(v2=…, v_prediction=…, title=…, …)` for the safetensors header.
+- `modelspec_metadata(family=…, v_prediction=…, title=…, …)` for the safetensors header.
+The model family (`sdtool.models.families`) says how its text encoder is laid out and how modelspec names it.
 Every write goes through `sdtool.fsutil.atomic_path`; the models passed in are never modified (casts work on copies).
 """
 
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 from sdtool.errors import ModelError, UsageError
 from sdtool.fsutil import atomic_path
+from sdtool.models.families.base import ModelFamily
 from sdtool.models.loading import SDModel
 
 SingleFileFormat = Literal["safetensors", "ckpt"]
@@ -31,16 +33,9 @@ MODELSPEC_VERSION = "1.0.1"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
-def modelspec_architecture(v2: bool, v_prediction: bool) -> str:
-    """stable-diffusion-v1 / stable-diffusion-v2-512 / stable-diffusion-v2-768-v."""
-    if not v2:
-        return "stable-diffusion-v1"
-    return "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-
-
 def modelspec_metadata(
     *,
-    v2: bool,
+    family: ModelFamily,
     v_prediction: bool,
     title: str,
     resolution: tuple[int, int] | int | None = None,
@@ -48,11 +43,11 @@ def modelspec_metadata(
     date: datetime.datetime | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """modelspec 1.0.1 metadata for an SD1/SD2 single file (all values strings, as safetensors requires)."""
+    """modelspec 1.0.1 metadata for a single file of `family` (all values strings, as safetensors requires)."""
     when = (date or datetime.datetime.now()).astimezone().replace(microsecond=0)
     meta = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": modelspec_architecture(v2, v_prediction),
+        "modelspec.architecture": family.architecture(v_prediction),
         "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.date": when.isoformat(),
@@ -78,19 +73,18 @@ def native_resolution(unet: Any, vae: Any = None) -> int | None:
 
 
 def ldm_state_dict(
-    unet: Any, vae: Any, text_encoder: Any, *, v2: bool, extras: Mapping[str, Any] | None = None
+    unet: Any, vae: Any, text_encoder: Any, *, family: ModelFamily, extras: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """The LDM single-file state dict of the given diffusers components (any may be None)."""
     from sdtool.models import ldm_keys
 
     out: dict[str, Any] = {}
     if unet is not None:
-        out.update(ldm_keys.unet_to_ldm(unet.state_dict(), unet.config, v2=v2))
+        out.update(ldm_keys.unet_to_ldm(unet.state_dict(), unet.config))
     if vae is not None:
         out.update(ldm_keys.vae_to_ldm(vae.state_dict(), vae.config))
     if text_encoder is not None:
-        te = text_encoder.state_dict()
-        out.update(ldm_keys.openclip_to_ldm(te, extras) if v2 else ldm_keys.clip_to_ldm(te))
+        out.update(family.text_encoder_to_ldm(text_encoder.state_dict(), extras))
     return out
 
 
@@ -127,7 +121,7 @@ def save_single_file(
     model_or_components: SDModel | Mapping[str, Any],
     path: str | Path,
     *,
-    v2: bool,
+    family: ModelFamily,
     v_prediction: bool,
     dtype: Any = None,
     metadata: Mapping[str, str] | None = None,
@@ -159,7 +153,7 @@ def save_single_file(
     if unknown:
         raise ModelError(f"cannot save components {sorted(unknown)} into an SD single file")
     state_dict = ldm_state_dict(
-        parts.get("unet"), parts.get("vae"), parts.get("text_encoder"), v2=v2, extras=parts.get("ldm_extras")
+        parts.get("unet"), parts.get("vae"), parts.get("text_encoder"), family=family, extras=parts.get("ldm_extras")
     )
     if not state_dict:
         raise ModelError("nothing to save: no U-Net, VAE or text encoder given")

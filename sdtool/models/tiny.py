@@ -23,6 +23,24 @@ _WORDS = (
 
 TINY_TEXT_WIDTH = 32
 
+# What sets each tiny family apart, as its real models do (read by the builders below, one row per kind).
+_KINDS: dict[str, dict[str, Any]] = {
+    "v1": {
+        "pad_token": "<|endoftext|>",
+        "attention_head_dim": 2,
+        "linear_projection": False,
+        "hidden_act": "quick_gelu",
+        "scheduler": ("PNDMScheduler", {"skip_prk_steps": True, "prediction_type": "epsilon"}),
+    },
+    "v2": {
+        "pad_token": "!",
+        "attention_head_dim": (2, 2, 4, 4),
+        "linear_projection": True,
+        "hidden_act": "gelu",
+        "scheduler": ("DDIMScheduler", {"clip_sample": False, "prediction_type": "v_prediction"}),
+    },
+}
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte → printable-character table."""
@@ -62,11 +80,10 @@ def build_tiny_tokenizer(kind: TinyKind = "v1") -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = tiny_vocab_and_merges()
-    pad = "<|endoftext|>" if kind == "v1" else "!"
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,  # type: ignore[arg-type]  # tuples, as tokenizers wants
-        pad_token=pad,
+        pad_token=_KINDS[kind]["pad_token"],
         model_max_length=77,
     )
 
@@ -74,7 +91,7 @@ def build_tiny_tokenizer(kind: TinyKind = "v1") -> Any:
 def tiny_configs(kind: TinyKind = "v1") -> dict[str, dict[str, Any]]:
     """Configs of the tiny U-Net, VAE and text encoder (plain dicts so they can be inspected and saved)."""
     vocab, _ = tiny_vocab_and_merges()
-    v2 = kind == "v2"
+    row = _KINDS[kind]
     unet = dict(
         sample_size=32,
         in_channels=4,
@@ -84,9 +101,9 @@ def tiny_configs(kind: TinyKind = "v1") -> dict[str, dict[str, Any]]:
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
         cross_attention_dim=TINY_TEXT_WIDTH,
-        attention_head_dim=(2, 2, 4, 4) if v2 else 2,
-        use_linear_projection=v2,
-        upcast_attention=v2,
+        attention_head_dim=row["attention_head_dim"],
+        use_linear_projection=row["linear_projection"],
+        upcast_attention=row["linear_projection"],
         norm_num_groups=32,
     )
     vae = dict(
@@ -108,19 +125,20 @@ def tiny_configs(kind: TinyKind = "v1") -> dict[str, dict[str, Any]]:
         num_hidden_layers=4,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="gelu" if v2 else "quick_gelu",
+        hidden_act=row["hidden_act"],
         projection_dim=TINY_TEXT_WIDTH,
         bos_token_id=vocab["<|startoftext|>"],
         eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["!"] if v2 else vocab["<|endoftext|>"],
+        pad_token_id=vocab[row["pad_token"]],
     )
     return {"unet": unet, "vae": vae, "text_encoder": text}
 
 
 def build_tiny_pipeline(kind: TinyKind = "v1", seed: int = 0) -> Any:
     """A StableDiffusionPipeline with tiny SD-shaped components and fixed-seed random weights."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     configs = tiny_configs(kind)
@@ -138,11 +156,8 @@ def build_tiny_pipeline(kind: TinyKind = "v1", seed: int = 0) -> Any:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    scheduler: Any
-    if kind == "v2":
-        scheduler = DDIMScheduler(**schedule, clip_sample=False, prediction_type="v_prediction")
-    else:
-        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, prediction_type="epsilon")
+    scheduler_class, scheduler_options = _KINDS[kind]["scheduler"]
+    scheduler = getattr(diffusers, scheduler_class)(**schedule, **scheduler_options)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

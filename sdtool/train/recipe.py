@@ -3,37 +3,38 @@
 `TrainState` (global step, epoch, batch within the epoch, seed) is everything a resume needs besides the
 model/optimizer/scheduler states, because every random draw comes from a generator seeded by position (see
 dataset.py for samples; `step_generator` here for noise and timesteps). Periodic saves, state folders and resume
-live in checkpoints.py; this file decides when they happen.
+live in checkpoints.py, the plan in plan.py; this file decides when things happen.
+
+One concept that reads better whole: setup, the loop, saves, samples and cleanup share one set of state (the
+accelerator, models, optimizer, schedule and `TrainState`) and are meant to be read top to bottom, as a recipe.
+Everything that stands on its own lives beside it: plan.py, checkpoints.py, outputs.py, signals.py, trackers.py,
+progress.py, memory.py, saving.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import shlex
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import info, make_progress, print_table, warn
-from sdtool.errors import EXIT_INTERRUPTED, ConfigError, NonFiniteError, SdtoolError
+from sdtool.console import info, warn
+from sdtool.errors import ConfigError, NonFiniteError, SdtoolError
 from sdtool.runtime import usable_cpus
 from sdtool.train.checkpoints import check_resume_config, config_record, prune_after_save, read_state, write_state
 from sdtool.train.config.schema import ResolvedConfig
 from sdtool.train.dataset import (
-    BucketBatchSampler,
-    SubsetRuntime,
-    TrainItem,
-    drop_undecodable,
-    load_items,
     sample_seed,
 )
-from sdtool.train.distributed import world_size
+from sdtool.train.hypernetwork.training import sampling_mode
 from sdtool.train.outputs import EMA_FILE, model_path, save_stem, state_path
+from sdtool.train.plan import Plan
+from sdtool.train.progress import TrainProgress, truncate_metrics
+from sdtool.train.signals import Interrupted, StopRequest, ignore_sigint
+from sdtool.train.trackers import init_trackers, log_epoch_loss, log_sample_grid, tracker_options
 
 _STEP_STREAM = 1  # separates the per-step seeds from the per-sample seeds derived from the same run seed
 
@@ -54,114 +55,6 @@ class TrainState:
         self.__dict__.update(state)
 
 
-@dataclass
-class Plan:
-    """What a run will do: data, batches and steps (printed by --dry-run and at the start of training)."""
-
-    items: list[TrainItem]
-    subsets: list[SubsetRuntime]
-    sampler: BucketBatchSampler
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
-    seed: int
-    processes: int = 1  # data-parallel processes; each global batch is split between them (distributed.py)
-
-
-def make_plan(cfg: ResolvedConfig) -> Plan:
-    """Load the dataset and work out batches, steps per epoch and the total (kohya's formula)."""
-    t = cfg.train
-    if t.seed is not None:
-        seed = t.seed
-    elif t.resume is not None:
-        seed = int(read_state(Path(t.resume))["train_state"]["seed"])  # the resumed run's own seed
-    else:
-        seed = random.SystemRandom().randrange(2**31)
-    items, subsets = load_items(cfg.datasets)
-    if not t.cache_latents:
-        items = drop_undecodable(items)  # the cache already skipped them; here a bad image would stop the run
-    processes = world_size()
-    # Global batches: batch_size per process, so steps per epoch shrink as processes are added.
-    sampler = BucketBatchSampler(items, subsets, [d.batch_size * processes for d in cfg.datasets], seed)
-    batches = len(sampler)
-    steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
-    total = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
-    epochs = math.ceil(total / steps_per_epoch)
-    return Plan(items, subsets, sampler, batches, steps_per_epoch, total, epochs, seed, processes)
-
-
-def print_plan(cfg: ResolvedConfig, plan: Plan) -> None:
-    """The bucket plan and step counts, on stderr."""
-    from rich.table import Table
-
-    table = Table(title="bucket plan", title_justify="left")
-    for col in ("dataset", "bucket", "images", "with repeats", "global batch", "batches/epoch"):
-        table.add_column(col, justify="right")
-    counts: dict[tuple[int, tuple[int, int]], list[int]] = {}
-    for item in plan.items:
-        c = counts.setdefault((item.dataset, item.bucket), [0, 0])
-        c[0] += 1
-        c[1] += plan.subsets[item.subset].num_repeats
-    for (d, bucket), (n, reps) in sorted(counts.items()):
-        bs = cfg.datasets[d].batch_size * plan.processes
-        table.add_row(str(d), f"{bucket[0]}x{bucket[1]}", str(n), str(reps), str(bs), str(math.ceil(reps / bs)))
-    print_table(table)
-    accum = cfg.train.gradient_accumulation_steps
-    sizes = sorted({d.batch_size for d in cfg.datasets})
-    per_step = " / ".join(f"{bs} × {plan.processes} × {accum} = {bs * plan.processes * accum}" for bs in sizes)
-    info(f"{plan.processes} process(es); images per optimizer step (batch_size × processes × accumulation): {per_step}")
-    info(
-        f"{len(plan.items)} images, {plan.batches_per_epoch} batches per epoch, gradient accumulation {accum}: "
-        f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in total ({plan.epochs} epochs), seed "
-        f"{plan.seed}"
-    )
-
-
-def estimate_memory(cfg: ResolvedConfig) -> dict[str, float]:
-    """A rough GiB estimate of weights, gradients and optimizer state (activations come on top)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    src = cfg.train.pretrained_model_name_or_path
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(src, subfolder="unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(src, subfolder="vae"))
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(src, subfolder="text_encoder"))
-    count = {name: sum(p.numel() for p in m.parameters()) for name, m in (("unet", unet), ("vae", vae), ("te", te))}
-    t = cfg.train
-    half = 2 if t.mixed_precision != "no" else 4
-    master = half if (t.full_fp16 or t.full_bf16) else 4
-    state_bytes = {"AdamW": 8, "AdamW8bit": 2, "PagedAdamW8bit": 2, "Lion": 4, "SGDNesterov": 4, "Prodigy": 16}
-    per_param_state = state_bytes.get(t.optimizer_type, 8) * (master / 4)
-    trained = count["unet"] + (count["te"] if t.train_text_encoder else 0)
-    frozen = count["vae"] * (4 if t.no_half_vae else half) + (0 if t.train_text_encoder else count["te"] * half)
-    if t.train_hypernetwork:
-        from sdtool.train.hypernetwork.attention import context_widths
-        from sdtool.train.hypernetwork.network import Hypernetwork
-
-        with init_empty_weights():
-            hypernetwork = Hypernetwork(
-                context_widths(unet),
-                t.hypernetwork_layer_structure,
-                t.hypernetwork_activation,
-                t.hypernetwork_layer_norm,
-                t.hypernetwork_dropout,
-            )
-        trained = sum(p.numel() for p in hypernetwork.parameters())
-        frozen += count["unet"] * half
-    gib = float(1 << 30)
-    out = {
-        "trained weights": trained * master / gib,
-        "gradients": trained * master / gib,
-        "optimizer state": trained * per_param_state / gib,
-        "frozen weights": frozen / gib,
-    }
-    out["total (without activations)"] = sum(out.values())
-    return out
-
-
 def step_generator(seed: int, step: int, micro: int, device: Any) -> Any:
     """The generator for one micro-batch's noise, timesteps and VAE sample: a function of its position only."""
     import torch
@@ -170,7 +63,7 @@ def step_generator(seed: int, step: int, micro: int, device: Any) -> Any:
 
 
 class FineTuneRecipe:
-    """Full fine-tuning of an SD v1/v2 U-Net (and optionally its text encoder) from a resolved config."""
+    """Full fine-tuning of a Stable Diffusion U-Net (and optionally its text encoder) from a resolved config."""
 
     def __init__(self, cfg: ResolvedConfig, plan: Plan):
         self.cfg = cfg
@@ -204,7 +97,9 @@ class FineTuneRecipe:
             raise ConfigError(f"planned for {self.plan.processes} processes but accelerate runs {acc.num_processes}")
         self.hypernetwork = None
         if t.train_hypernetwork:
-            _check_hypernetwork_backend(acc)
+            from sdtool.train.hypernetwork.training import check_backend
+
+            check_backend(acc)
         self.cached = t.cache_latents
         if self.cached:
             vae_id = training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
@@ -271,7 +166,7 @@ class FineTuneRecipe:
         persistent = t.persistent_data_loader_workers and workers > 0
         # Each rank's slice of every global batch (not accelerate's round-robin sharding): see distributed.py.
         self.loader = make_loader(
-            dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", _ignore_sigint
+            dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", ignore_sigint
         )
         prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), t.train_text_encoder)
         if self.hypernetwork is not None:
@@ -316,10 +211,10 @@ class FineTuneRecipe:
             out_dir.mkdir(parents=True, exist_ok=True)
             metrics = out_dir / "metrics.jsonl"
             if t.resume is not None:
-                _truncate_metrics(metrics, self.state.global_step)
+                truncate_metrics(metrics, self.state.global_step)
             self.metrics = open(metrics, "a" if t.resume else "w", encoding="utf-8")  # noqa: SIM115 (closed in cleanup)
         if t.log_with is not None:
-            self._init_trackers()
+            init_trackers(acc, self.cfg)
 
     def _load_model(self) -> Any:
         from sdtool.models.loading import load_model, load_vae
@@ -330,7 +225,7 @@ class FineTuneRecipe:
             components += ("vae",)
         model = load_model(
             t.pretrained_model_name_or_path,
-            model_type="auto" if t.v2 is None else ("v2" if t.v2 else "v1"),
+            model_type=t.model_type,
             components=components,
         )
         if t.v_parameterization is not None and t.v_parameterization != model.v_prediction:
@@ -341,8 +236,7 @@ class FineTuneRecipe:
             )
         if t.vae is not None:
             model.vae = load_vae(t.vae)
-        kind = "v2" if model.v2 else "v1"
-        info(f"model {model.source}: SD {kind}, {model.prediction_type} prediction")
+        info(f"model {model.source}: {model.family.title}, {model.prediction_type} prediction")
         return model
 
     def _scaling_factor(self) -> float:
@@ -398,7 +292,7 @@ class FineTuneRecipe:
             self._maybe_sample(0, epoch_end=False)
         if state.global_step >= total:
             warn(f"the state is already at step {state.global_step} of {total}; nothing left to train")
-        with _TrainProgress(total, state.global_step) as self.progress, _StopRequest() as stop:
+        with TrainProgress(total, state.global_step) as self.progress, StopRequest() as stop:
             while state.global_step < total:
                 self.plan.sampler.set_position(state.epoch, state.batch_in_epoch)
                 micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
@@ -496,7 +390,7 @@ class FineTuneRecipe:
         if self.accelerator.is_main_process:
             prune_after_save(self.t, kind, number, every)
 
-    def _stop_requested(self, stop: _StopRequest) -> bool:
+    def _stop_requested(self, stop: StopRequest) -> bool:
         if self.accelerator.num_processes == 1:
             return stop.signal_name is not None
         import torch
@@ -566,7 +460,7 @@ class FineTuneRecipe:
                 vae=model.vae if model.vae is not None else self._load_vae_for_saving(),
                 tokenizer=model.tokenizer,
                 scheduler_config=model.scheduler_config,
-                v2=model.v2,
+                family=model.family,
                 v_prediction=model.v_prediction,
                 precision=self.t.save_precision,
                 metadata=self.output_metadata(),
@@ -689,7 +583,7 @@ class FineTuneRecipe:
         self._flush()
         model = self.model
         vae = model.vae if model.vae is not None else self._sampling_vae()
-        with self._weights_for_output(), self._hypernetwork_for_samples():
+        with self._weights_for_output(), sampling_mode(self.hypernetwork):
             paths = generate_samples(
                 model.unet if self.hypernetwork is not None else acc.unwrap_model(self.unet),
                 vae,
@@ -714,49 +608,12 @@ class FineTuneRecipe:
             info(f"samples at step {step}: {paths[-1]}")
             log_sample_grid(acc, paths[-1], step)
 
-    def _hypernetwork_for_samples(self) -> Any:
-        """Eval mode for the hypernetwork while sampling (strength hypernetwork_multiplier), its flags back after."""
-        import contextlib
-
-        hypernetwork = self.hypernetwork
-        if hypernetwork is None:
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def evaluating() -> Any:
-            modes = [(m, m.training) for m in hypernetwork.modules()]
-            hypernetwork.eval()
-            try:
-                yield
-            finally:
-                for module, training in modes:
-                    module.training = training
-
-        return evaluating()
-
     def _sampling_vae(self) -> Any:
         """With cached latents the VAE is not loaded for training; sampling loads it once, on the CPU."""
         if getattr(self, "_vae_for_samples", None) is None:
             self._vae_for_samples = self._load_vae_for_saving()
             self._vae_for_samples.requires_grad_(False)
         return self._vae_for_samples
-
-    def _init_trackers(self) -> None:
-        t = self.t
-        init_kwargs: dict[str, Any] = {}
-        if t.log_tracker_config is not None:
-            from sdtool.train.config.files import read_toml
-
-            init_kwargs = read_toml(Path(t.log_tracker_config), "log_tracker_config")
-        if t.wandb_run_name is not None:
-            init_kwargs.setdefault("wandb", {})["name"] = t.wandb_run_name
-        config = tracker_config(self.cfg) if t.log_config else None
-        self.accelerator.init_trackers(t.log_tracker_name or "finetuning", config=config, init_kwargs=init_kwargs)
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "wandb":
-                # The epoch loss gets its own x axis (kohya logs it on the step axis, where wandb drops it).
-                tracker.run.define_metric("epoch")
-                tracker.run.define_metric("loss/epoch", step_metric="epoch")
 
     # ----------------------------------------------------------------------------------------------- cleanup
     def cleanup(self) -> Path | None:
@@ -802,7 +659,7 @@ class FineTuneRecipe:
             if value is not None:
                 extra[f"modelspec.{key}"] = value
         meta = modelspec_metadata(
-            v2=model.v2,
+            family=model.family,
             v_prediction=model.v_prediction,
             title=t.metadata_title or t.output_name,
             resolution=self.cfg.datasets[0].resolution if self.cfg.datasets else None,
@@ -821,119 +678,10 @@ class FineTuneRecipe:
             self.close()
 
 
-class Interrupted(SdtoolError):
-    """SIGINT/SIGTERM stopped the run after a step and a state save: exit 130."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        warn(f"{self.signal_name}: finishing this step, then saving a state (Ctrl-C again to stop without saving)")
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which finishes the step and saves a state."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the lines of steps up to `step`: a resumed run continues the file with the next step."""
-    from sdtool.fsutil import atomic_write_text
-
-    if not path.is_file():
-        warn(f"{path} does not exist; the resumed run starts a new one at step {step + 1}")
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut short by a kill
-        if not isinstance(record, dict) or record.get("step", step + 1) > step:
-            break
-        kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
-
-
-def tracker_options(t: Any) -> dict[str, Any]:
-    """Accelerator arguments for `log_with`: kohya's folder `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>`."""
-    if t.log_with is None:
-        return {}
-    trackers = ["tensorboard", "wandb"] if t.log_with == "all" else [t.log_with]
-    options: dict[str, Any] = {"log_with": trackers}
-    if t.logging_dir is not None:
-        options["project_dir"] = str(Path(t.logging_dir) / f"{t.log_prefix or ''}{time.strftime('%Y%m%d%H%M%S')}")
-    return options
-
-
-def tracker_config(cfg: ResolvedConfig) -> dict[str, Any]:
-    """The training keys as tracker hyperparameters (scalars only; lists and tables as text)."""
-    out: dict[str, Any] = {}
-    for key, value in config_record(cfg).items():
-        out[key] = value if isinstance(value, bool | int | float | str) else json.dumps(value, ensure_ascii=False)
-    return out
-
-
-def log_epoch_loss(accelerator: Any, epoch: int, loss: float) -> None:
-    """The mean loss of an epoch, with the epoch as its x axis (kohya puts it on the step axis)."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "wandb":
-            tracker.log({"loss/epoch": loss, "epoch": epoch})  # plotted against "epoch" (define_metric)
-        else:
-            tracker.log({"loss/epoch": loss}, step=epoch)  # its own tag, so its own chart with epochs on x
-
-
-def log_sample_grid(accelerator: Any, grid: Path, step: int) -> None:
-    """A sampling point's grid image to the trackers."""
-    if not accelerator.trackers:
-        return
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(grid) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"samples": pixels[None]}, step=step, dataformats="NHWC")
-        else:
-            tracker.log_images({"samples": [pixels]}, step=step)
-
-
 def _version() -> str:
     from sdtool import __version__
 
     return __version__
-
-
-def _check_hypernetwork_backend(accelerator: Any) -> None:
-    """Hypernetworks train on one process or under DDP; with DeepSpeed or FSDP they are refused (not supported)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise ConfigError(
-            f"train_hypernetwork is not supported with {accelerator.distributed_type.value}",
-            hint="use DDP (MULTI_GPU or MULTI_CPU) in the accelerate config; a hypernetwork is small",
-        )
 
 
 def _allow_fp16_grads(accelerator: Any) -> None:
@@ -947,29 +695,3 @@ def _allow_fp16_grads(accelerator: Any) -> None:
         return original(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = _unscale_grads_
-
-
-class _TrainProgress:
-    """A rich progress bar on stderr with loss, learning rate, it/s and ETA."""
-
-    def __init__(self, total: int, done: int):
-        from rich.progress import TextColumn
-
-        self.progress = make_progress(TextColumn("{task.fields[stats]}"))
-        self.total, self.done = total, done
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> _TrainProgress:
-        self.progress.__enter__()
-        self.task = self.progress.add_task("train", total=self.total, completed=self.done, stats="")
-        return self
-
-    def update(self, record: dict[str, Any]) -> None:
-        steps = record["step"] - self.done
-        rate = steps / max(time.perf_counter() - self.started, 1e-9)
-        lrs = " ".join(f"{v:.2e}" for v in record["lr"].values())
-        stats = f"loss {record['loss']:.4f}  lr {lrs}  {rate:.2f} it/s"
-        self.progress.update(self.task, completed=record["step"], stats=stats)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdtool.models.families.base import ModelFamily
+
 
 def save_trained_model(
     path: Path,
@@ -21,7 +23,7 @@ def save_trained_model(
     vae: Any,
     tokenizer: Any,
     scheduler_config: dict[str, Any],
-    v2: bool,
+    family: ModelFamily,
     v_prediction: bool,
     precision: str | None,
     metadata: dict[str, str],
@@ -34,7 +36,7 @@ def save_trained_model(
     dtype = torch_dtype("fp32" if precision in (None, "float") else precision)
     model = SDModel(
         source=str(path),
-        v2=v2,
+        family=family,
         v_prediction=v_prediction,
         unet=unet,
         vae=vae,
@@ -54,7 +56,7 @@ def save_trained_model(
     return save_single_file(
         model,
         path,
-        v2=v2,
+        family=family,
         v_prediction=v_prediction,
         dtype=dtype,
         metadata=metadata if fmt == "safetensors" else None,

@@ -29,7 +29,7 @@ def tiny_blip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tagger(tmp_path_factory) -> Path:
     """A WD14-layout ONNX tagger whose probabilities depend on the mean colour of the input (16×16 NHWC)."""
-    from tests.labeling.conftest import save_wd14_tagger
+    from tests.label.conftest import save_wd14_tagger
 
     return save_wd14_tagger(tmp_path_factory.mktemp("hardening") / "wd14")
 

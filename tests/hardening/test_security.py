@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdtool.metadata import read_metadata
+from sdtool.models.families.sd1 import SD1
 from tests.conftest import REPO_ROOT
 from tests.imagegen import save_rgb
 
@@ -50,7 +51,7 @@ def test_allow_pickle_loads_a_benign_full_pickle(tmp_path, cli, tiny_v1):
     from sdtool.models.saving import save_single_file
 
     model = load_model(tiny_v1, components=("unet", "vae", "text_encoder"))
-    state, _ = read_checkpoint(save_single_file(model, tmp_path / "tiny.safetensors", v2=False, v_prediction=False))
+    state, _ = read_checkpoint(save_single_file(model, tmp_path / "tiny.safetensors", family=SD1, v_prediction=False))
     ckpt = tmp_path / "trusted.ckpt"
     # argparse.Namespace is what old training scripts saved beside the weights: harmless, but not weights-only.
     torch.save({"state_dict": state, "hparams": argparse.Namespace(lr=1e-4)}, ckpt)

@@ -12,8 +12,8 @@ def _write_single_file(folder: Path, out: Path) -> Path:
     from sdtool.models.saving import modelspec_metadata, save_single_file
 
     model = load_model(folder, components=("unet", "vae", "text_encoder"))
-    meta = modelspec_metadata(v2=model.v2, v_prediction=model.v_prediction, title=out.stem)
-    return save_single_file(model, out, v2=model.v2, v_prediction=model.v_prediction, metadata=meta)
+    meta = modelspec_metadata(family=model.family, v_prediction=model.v_prediction, title=out.stem)
+    return save_single_file(model, out, family=model.family, v_prediction=model.v_prediction, metadata=meta)
 
 
 @pytest.fixture(scope="session")

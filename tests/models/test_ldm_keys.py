@@ -11,7 +11,8 @@ import pytest
 
 from sdtool.errors import ModelError
 from sdtool.models import ldm_keys
-from sdtool.models.loading import CONFIGS_DIR
+from sdtool.models.families import sd1, sd2
+from sdtool.models.families.base import CONFIGS_DIR
 
 
 def _config(name: str, part: str) -> dict:
@@ -32,7 +33,7 @@ def test_unet_map_inverts_diffusers_converter_at_full_size(name):
 
     unet = _meta_unet(name)
     v2 = name != "sd15"
-    ldm = ldm_keys.unet_to_ldm(unet.state_dict(), unet.config, v2=v2)
+    ldm = ldm_keys.unet_to_ldm(unet.state_dict(), unet.config)
     assert all(k.startswith("model.diffusion_model.") for k in ldm)
     # The real SD1.5/SD2 files have 686 U-Net tensors with these names.
     assert len(ldm) == 686
@@ -75,8 +76,8 @@ def test_openclip_map_for_sd2_shape():
 
     with init_empty_weights():
         te = CLIPTextModel(CLIPTextConfig(**_config("sd2-768-v", "text_encoder")))
-    ldm = ldm_keys.openclip_to_ldm(te.state_dict())
-    p = ldm_keys.OPENCLIP_PREFIX
+    ldm = sd2.openclip_to_ldm(te.state_dict())
+    p = sd2.OPENCLIP_PREFIX
     # OpenCLIP-H has 24 blocks, 12 tensors each, plus embeddings, ln_final, text_projection and logit_scale.
     assert len(ldm) == 24 * 12 + 6
     assert ldm[p + "transformer.resblocks.0.attn.in_proj_weight"].shape == (3 * 1024, 1024)
@@ -90,8 +91,8 @@ def test_clip_map_accepts_both_transformers_layouts():
 
     flat = {"embeddings.token_embedding.weight": torch.zeros(2), "final_layer_norm.bias": torch.zeros(1)}
     nested = {"text_model." + k: v for k, v in flat.items()}
-    assert ldm_keys.clip_to_ldm(flat).keys() == ldm_keys.clip_to_ldm(nested).keys()
-    assert set(ldm_keys.clip_to_ldm(flat)) == {
+    assert sd1.clip_to_ldm(flat).keys() == sd1.clip_to_ldm(nested).keys()
+    assert set(sd1.clip_to_ldm(flat)) == {
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
         "cond_stage_model.transformer.text_model.final_layer_norm.bias",
     }
@@ -104,20 +105,20 @@ def test_unknown_weight_is_an_error():
     sd = dict(unet.state_dict())
     sd["class_embedding.linear_1.weight"] = torch.zeros(1)
     with pytest.raises(ModelError, match="class_embedding"):
-        ldm_keys.unet_to_ldm(sd, unet.config, v2=False)
+        ldm_keys.unet_to_ldm(sd, unet.config)
 
 
 def test_old_text_encoder_layout_is_normalised():
-    out = ldm_keys.normalize_ldm_keys({"cond_stage_model.transformer.encoder.layers.0.mlp.fc1.bias": 1})
+    out = sd1.normalize_ldm_keys({"cond_stage_model.transformer.encoder.layers.0.mlp.fc1.bias": 1})
     assert out == {"cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.bias": 1}
 
 
 def test_detect_v2_from_ldm_keys():
     import torch
 
-    assert ldm_keys.detect_v2_ldm({"cond_stage_model.model.token_embedding.weight": torch.zeros(1)}) is True
-    assert ldm_keys.detect_v2_ldm({"cond_stage_model.transformer.text_model.x": torch.zeros(1)}) is False
+    assert sd2.detect_ldm({"cond_stage_model.model.token_embedding.weight": torch.zeros(1)}) is True
+    assert sd2.detect_ldm({"cond_stage_model.transformer.text_model.x": torch.zeros(1)}) is False
     k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    assert ldm_keys.detect_v2_ldm({k: torch.zeros(320, 1024)}) is True
-    assert ldm_keys.detect_v2_ldm({k: torch.zeros(320, 768)}) is False
-    assert ldm_keys.detect_v2_ldm({k: torch.zeros(32, 32)}) is None
+    assert sd2.detect_ldm({k: torch.zeros(320, 1024)}) is True
+    assert sd2.detect_ldm({k: torch.zeros(320, 768)}) is False
+    assert sd2.detect_ldm({k: torch.zeros(32, 32)}) is None

@@ -7,6 +7,8 @@ import torch
 
 from sdtool.errors import ModelError, UnsafeCheckpointError, UsageError
 from sdtool.models.checkpoint import read_checkpoint
+from sdtool.models.families.sd1 import SD1
+from sdtool.models.families.sd2 import SD2
 from sdtool.models.loading import load_model, load_vae
 from sdtool.models.saving import save_diffusers, save_single_file
 from tests.models.conftest import assert_same_weights
@@ -72,7 +74,7 @@ def test_v1_file_layout(tiny_v1_file):
 @pytest.mark.parametrize(("dtype", "fmt"), [(torch.float16, "safetensors"), (torch.bfloat16, "ckpt")])
 def test_precision_is_the_only_float_dtype(dtype, fmt, tiny_v2, tmp_path):
     model = load_model(tiny_v2, components=PARTS)
-    out = save_single_file(model, tmp_path / f"m.{fmt}", v2=True, v_prediction=True, dtype=dtype)
+    out = save_single_file(model, tmp_path / f"m.{fmt}", family=SD2, v_prediction=True, dtype=dtype)
     state, _ = read_checkpoint(out)
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {dtype}
     assert next(model.unet.parameters()).dtype == torch.float32  # the model itself was not cast
@@ -91,7 +93,7 @@ def test_diffusers_output_in_fp16_and_model_untouched(tiny_v1, tmp_path):
 
 def test_ckpt_round_trip_is_plain_tensors(tiny_v1, tiny_v1_file, tmp_path):
     model = load_model(tiny_v1, components=PARTS)
-    out = save_single_file(model, tmp_path / "m.ckpt", v2=False, v_prediction=False, ckpt_extra={"global_step": 7})
+    out = save_single_file(model, tmp_path / "m.ckpt", family=SD1, v_prediction=False, ckpt_extra={"global_step": 7})
     payload = torch.load(out, weights_only=True)
     assert payload["global_step"] == 7
     reference, _ = read_checkpoint(tiny_v1_file)
@@ -122,7 +124,7 @@ def test_v2_extras_are_carried_over(tiny_v2, tiny_v2_file, tmp_path):
     state["cond_stage_model.model.logit_scale"] = torch.tensor(1.25)
     save_file(state, tmp_path / "x.safetensors", metadata=meta)
     model = load_model(tmp_path / "x.safetensors", config=tiny_v2, components=PARTS)
-    out = save_single_file(model, tmp_path / "y.safetensors", v2=True, v_prediction=True)
+    out = save_single_file(model, tmp_path / "y.safetensors", family=SD2, v_prediction=True)
     assert read_checkpoint(out)[0]["cond_stage_model.model.logit_scale"].item() == 1.25
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.latents.conftest import _copy_with_vae
+from tests.cache.conftest import _copy_with_vae
 from tests.train.conftest import make_dataset, write_config
 from tests.train.test_train import config_text
 

@@ -142,7 +142,7 @@ def test_ema_matches_the_formula_and_swaps_exactly(tmp_path):
 
 
 def test_resumed_metrics_keep_the_lines_up_to_the_saved_step(tmp_path):
-    from sdtool.train.recipe import _truncate_metrics
+    from sdtool.train.progress import truncate_metrics as _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 0.1 * s}) for s in range(1, 6)]

@@ -72,7 +72,7 @@ def test_one_process_is_the_base_sampler_with_weight_one(tmp_path):
 
 def test_plan_counts_global_batches_processes_and_accumulation(tmp_path, monkeypatch):
     from sdtool.train.config import load_config
-    from sdtool.train.recipe import make_plan
+    from sdtool.train.plan import make_plan
 
     images, meta = make_dataset(tmp_path / "data", 7)  # 5 square + 2 tall
     text = config_text(

@@ -59,7 +59,8 @@ def folder_digest(folder: Path) -> str:
 def run_recipe(config_path: Path):
     """Train in-process through the same entry points as `sdtool train`, keeping the recipe to inspect its models."""
     from sdtool.train.config import load_config
-    from sdtool.train.recipe import FineTuneRecipe, make_plan
+    from sdtool.train.plan import make_plan
+    from sdtool.train.recipe import FineTuneRecipe
 
     cfg = load_config(config_path)
     recipe = FineTuneRecipe(cfg, make_plan(cfg))

@@ -119,7 +119,7 @@ def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
     Only the small config files are read: a contradiction is a config problem (exit 2) and must not wait for the
     weights (a single file or a hub id is checked when it loads, which is as early as its type can be known).
     """
-    from sdtool.models.loading import detect_v2
+    from sdtool.models import families
 
     folder = Path(cfg.pretrained_model_name_or_path)
     if (cfg.v2 is None and cfg.v_parameterization is None) or not (folder / "unet" / "config.json").is_file():
@@ -132,11 +132,10 @@ def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
             return None
         return data if isinstance(data, dict) else None
 
-    detected = detect_v2(read("unet/config.json"), read("text_encoder/config.json"))
-    if cfg.v2 is not None and detected is not None and cfg.v2 != detected:
-        kind = "SD v2" if detected else "SD v1"
+    detected = families.detect_configs(read("unet/config.json"), read("text_encoder/config.json"))
+    if cfg.v2 is not None and detected is not None and families.by_name(cfg.model_type) is not detected:
         problems.append(
-            f"v2: v2 = {str(cfg.v2).lower()} contradicts the model in {folder}, which is {kind}; "
+            f"v2: v2 = {str(cfg.v2).lower()} contradicts the model in {folder}, which is {detected.title}; "
             "remove v2 (it is detected from the model)"
         )
     scheduler = read("scheduler/scheduler_config.json")

@@ -241,6 +241,13 @@ class TrainConfig(CaptionOptions, BucketOptions):
     log_config: bool = False
     wandb_run_name: str | None = None
 
+    @property
+    def model_type(self) -> Literal["auto", "v1", "v2"]:
+        """kohya's `v2` key as a model family name for the loader ("auto": detect it from the model)."""
+        if self.v2 is None:
+            return "auto"
+        return "v2" if self.v2 else "v1"
+
 
 TOP_KEYS = set(TrainConfig.model_fields)
 
@@ -323,7 +330,12 @@ HYPERNETWORK_KEYS = tuple(k for k in TrainConfig.model_fields if k.startswith("h
 
 # ---------------------------------------------------------------------------------------------------------------
 def dump_toml(data: dict[str, Any]) -> str:
-    """A small TOML writer for what configs hold: scalars, arrays of scalars, tables and arrays of tables."""
+    """A small TOML writer for what configs hold: scalars, arrays of scalars, tables and arrays of tables.
+
+    Written by hand on purpose: tomli-w puts every array element on its own line and nested arrays of tables
+    inline (`subsets = [{ … }]`), while a printed config should read like the README's example
+    (`resolution = [512, 512]`, `[[datasets.subsets]]`). `tomllib` reads the output back in the tests.
+    """
     lines: list[str] = []
     _emit_table(data, [], lines)
     return "\n".join(lines).strip() + "\n"

@@ -9,11 +9,14 @@ to pass through the wrapper) while state folders hold the hypernetwork and not a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from sdtool.errors import ConfigError
 from sdtool.train.hypernetwork.attention import apply_hypernetwork
 from sdtool.train.hypernetwork.network import Hypernetwork
 from sdtool.train.hypernetwork.options import HypernetworkOptions, build_hypernetwork
@@ -59,3 +62,32 @@ def checkpoint_name(source: str) -> str:
     if path.exists():
         return path.stem if path.is_file() else path.name
     return source
+
+
+def check_backend(accelerator: Any) -> None:
+    """Hypernetworks train on one process or under DDP; with DeepSpeed or FSDP they are refused (not supported)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise ConfigError(
+            f"train_hypernetwork is not supported with {accelerator.distributed_type.value}",
+            hint="use DDP (MULTI_GPU or MULTI_CPU) in the accelerate config; a hypernetwork is small",
+        )
+
+
+def sampling_mode(hypernetwork: Hypernetwork | None) -> contextlib.AbstractContextManager[None]:
+    """Eval mode for the hypernetwork while sampling (strength hypernetwork_multiplier), its flags back after."""
+    if hypernetwork is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def evaluating() -> Iterator[None]:
+        modes = [(m, m.training) for m in hypernetwork.modules()]
+        hypernetwork.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return evaluating()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtool.label.taggers import TagInfo, TagOptions, append_tags, deepdanbooru_input, select_tags, wd14_input
-from tests.labeling.conftest import WD14_ROWS
+from sdtool.label.tagger_model import TagInfo, deepdanbooru_input, wd14_input
+from sdtool.label.tags import TagOptions, append_tags, select_tags
+from tests.label.conftest import WD14_ROWS
 
 # Expected tags worked out by hand from the logits in conftest.py.
 # red.png 64×32 → square half red, half white → BGR means (0.5, 0.5, 1):

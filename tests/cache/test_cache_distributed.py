@@ -12,8 +12,8 @@ import pytest
 from safetensors.torch import load_file
 
 from tests import imagegen
+from tests.cache.conftest import entry
 from tests.conftest import REPO_ROOT
-from tests.latents.conftest import entry
 
 pytestmark = pytest.mark.slow
 

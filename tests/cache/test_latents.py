@@ -30,7 +30,7 @@ from sdtool.cache.placement import MissingBucketError, Placement, placement_from
 from sdtool.cache.store import load_latents
 from sdtool.errors import InputError, ModelError
 from tests import imagegen
-from tests.latents.conftest import entry
+from tests.cache.conftest import entry
 
 # --- placement -------------------------------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from sdtool.cache.fingerprint import file_sha256, vae_fingerprint
 from sdtool.cache.store import load_latents
 from sdtool.fsutil import leftover_temp_files
 from tests import imagegen
+from tests.cache.conftest import DEFAULT_IMAGES, entry, make_dataset
 from tests.conftest import REPO_ROOT
-from tests.latents.conftest import DEFAULT_IMAGES, entry, make_dataset
 
 pytestmark = pytest.mark.slow
 

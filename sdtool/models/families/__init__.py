@@ -1,0 +1,49 @@
+"""Model families (SD1, SD2, …): one module each behind the `ModelFamily` seam in `base`, found here by name or
+recognised from weights and configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sdtool.errors import UsageError
+from sdtool.models.families import sd2
+from sdtool.models.families.base import ModelFamily
+from sdtool.models.families.sd1 import SD1
+from sdtool.models.families.sd2 import SD2
+
+# Every family sdtool knows, most specific first (detection tries them in this order).
+FAMILIES: tuple[ModelFamily, ...] = (SD2, SD1)
+NAMES = tuple(f.name for f in FAMILIES)
+
+
+def by_name(name: str) -> ModelFamily:
+    """The family called `name` (as --model-type spells it)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UsageError(f"unknown model type {name!r}", hint=f"use one of {', '.join(sorted(NAMES))}")
+
+
+def _pick(is_sd2: bool | None) -> ModelFamily | None:
+    return None if is_sd2 is None else (SD2 if is_sd2 else SD1)
+
+
+def detect_ldm(state_dict: Mapping[str, Any]) -> ModelFamily | None:
+    """The family of LDM single-file weights (None: cannot tell, e.g. a U-Net of unusual width and no encoder)."""
+    return _pick(sd2.detect_ldm(state_dict))
+
+
+def detect_configs(unet_config: Mapping[str, Any] | None, text_config: Mapping[str, Any] | None) -> ModelFamily | None:
+    """The family of a diffusers model from its U-Net and text-encoder configs (None: no configs to go by)."""
+    return _pick(sd2.detect_configs(unet_config, text_config))
+
+
+def from_architecture(architecture: str) -> ModelFamily | None:
+    """The family a modelspec architecture names, if any."""
+    return next((f for f in FAMILIES if f.owns_architecture(architecture)), None)
+
+
+def text_encoder_prefixes() -> tuple[str, ...]:
+    """Every family's LDM text-encoder prefixes."""
+    return tuple(p for f in FAMILIES for p in f.text_encoder_prefixes)

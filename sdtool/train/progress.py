@@ -1,0 +1,57 @@
+"""What a person sees while training runs: the progress line on stderr, and `metrics.jsonl` kept in step with a
+resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sdtool.console import make_progress, warn
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step`: a resumed run continues the file with the next step."""
+    from sdtool.fsutil import atomic_write_text
+
+    if not path.is_file():
+        warn(f"{path} does not exist; the resumed run starts a new one at step {step + 1}")
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill
+        if not isinstance(record, dict) or record.get("step", step + 1) > step:
+            break
+        kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+class TrainProgress:
+    """A rich progress bar on stderr with loss, learning rate, it/s and ETA."""
+
+    def __init__(self, total: int, done: int):
+        from rich.progress import TextColumn
+
+        self.progress = make_progress(TextColumn("{task.fields[stats]}"))
+        self.total, self.done = total, done
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.__enter__()
+        self.task = self.progress.add_task("train", total=self.total, completed=self.done, stats="")
+        return self
+
+    def update(self, record: dict[str, Any]) -> None:
+        steps = record["step"] - self.done
+        rate = steps / max(time.perf_counter() - self.started, 1e-9)
+        lrs = " ".join(f"{v:.2e}" for v in record["lr"].values())
+        stats = f"loss {record['loss']:.4f}  lr {lrs}  {rate:.2f} it/s"
+        self.progress.update(self.task, completed=record["step"], stats=stats)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
