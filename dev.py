@@ -99,10 +99,10 @@ def install_torch(python: Path) -> None:
         run([*pip, f"torch=={TORCH_VERSION}"])  # PyPI's build: CUDA on Linux/Windows, Metal on macOS
         return
     cpu = f"torch=={TORCH_VERSION}+cpu"
-    # A CPU wheel that pip already finds offline (a wheelhouse in pip's config) spares the network round trip.
-    offline = subprocess.run([*pip, "--no-index", cpu], capture_output=True, text=True)
-    if offline.returncode == 0:
-        say(f"installed {cpu} from a local wheel")
+    # Where pip's own configuration already finds the CPU wheel (a wheelhouse, a mirror), that is all it takes;
+    # PyPI has no "+cpu" builds, so elsewhere this fails at once and PyTorch's CPU index supplies it.
+    say(f"$ {shlex.join([*pip[1:], cpu])}")
+    if subprocess.run([*pip, cpu], capture_output=True, text=True).returncode == 0:
         return
     run([*pip, cpu, "--extra-index-url", CPU_INDEX])
 
