@@ -1,4 +1,4 @@
-"""Model families (SD1, SD2, …): one module each behind the `ModelFamily` seam in `base`, found here by name or
+"""Model families (SD1, SD2, SDXL, …): one module each behind the `ModelFamily` seam in `base`, found here by name or
 recognised from weights and configs."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdtool.errors import UsageError
-from sdtool.models.families import sd2
+from sdtool.models.families import sd2, sdxl
 from sdtool.models.families.base import ModelFamily
 from sdtool.models.families.sd1 import SD1
 from sdtool.models.families.sd2 import SD2
+from sdtool.models.families.sdxl import SDXL
 
 # Every family sdtool knows, most specific first (detection tries them in this order).
-FAMILIES: tuple[ModelFamily, ...] = (SD2, SD1)
+FAMILIES: tuple[ModelFamily, ...] = (SDXL, SD2, SD1)
 NAMES = tuple(f.name for f in FAMILIES)
 
 
@@ -31,11 +32,15 @@ def _pick(is_sd2: bool | None) -> ModelFamily | None:
 
 def detect_ldm(state_dict: Mapping[str, Any]) -> ModelFamily | None:
     """The family of LDM single-file weights (None: cannot tell, e.g. a U-Net of unusual width and no encoder)."""
+    if sdxl.detect_ldm(state_dict):
+        return SDXL
     return _pick(sd2.detect_ldm(state_dict))
 
 
 def detect_configs(unet_config: Mapping[str, Any] | None, text_config: Mapping[str, Any] | None) -> ModelFamily | None:
     """The family of a diffusers model from its U-Net and text-encoder configs (None: no configs to go by)."""
+    if sdxl.detect_configs(unet_config):
+        return SDXL
     return _pick(sd2.detect_configs(unet_config, text_config))
 
 
