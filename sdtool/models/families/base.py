@@ -120,7 +120,8 @@ class ModelFamily:
         """(ids, lengths): one (B, n, 77) id tensor per tokenizer, and each prompt's own token count."""
         from sdtool.text import tokenize_chunks
 
-        ids, lengths = [], []
+        ids: list[Any] = []
+        lengths: list[int] = []
         for tokenizer in tokenizers:
             tensor, counts = tokenize_chunks(tokenizer, prompts, max_token_length)
             ids.append(tensor)
