@@ -148,6 +148,19 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
     return items, subsets
 
 
+def missing_original_sizes(items: list[TrainItem], subsets: list[SubsetRuntime]) -> list[str]:
+    """One problem per metadata file whose entries lack `image_size`, the original size SDXL is conditioned on."""
+    missing: dict[Path, list[Path]] = {}
+    for item in items:
+        if item.image_size is None:
+            missing.setdefault(subsets[item.subset].metadata_file, []).append(item.image)
+    return [
+        f"{meta}: {len(images)} image(s) have no image_size (the original size the model is conditioned on), e.g. "
+        f"{images[0]}; add it with sdtool bucket DIR -o {meta} --update"
+        for meta, images in missing.items()
+    ]
+
+
 def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list[TrainItem]:
     """Decode every image once and drop (naming each) those that cannot be decoded, before training starts.
 
@@ -247,13 +260,29 @@ class TrainDataset:
         rng = random.Random(seed)
         caption = process_caption(item.caption, sub.rules, rng, epoch + 1)
         flip = sub.flip_aug and rng.random() < 0.5
+        sample: dict[str, Any] = {"caption": caption, "time_ids": size_conditioning(item, flip)}
         if self.cached:
             latents = load_cached(item, sub).sample(flip, torch.Generator().manual_seed(seed))
-            return {"latents": latents.float(), "caption": caption}
+            return {**sample, "latents": latents.float()}
         from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
 
         pixels = load_bucketed_pixels(item.image, item.resized, item.bucket, sub.interpolation, item.image_size)
-        return {"pixels": to_tensor(pixels, flip), "caption": caption}
+        return {**sample, "pixels": to_tensor(pixels, flip)}
+
+
+def size_conditioning(item: TrainItem, flipped: bool) -> list[int]:
+    """SDXL's six size numbers for an image: original (h, w), crop top-left (top, left), target (h, w).
+
+    The crop is where the bucket sits in the resized image (SGM's meaning); a flipped image's left edge is mirrored,
+    `resized_w - crop_right` (kohya mirrors it the same way, in its own coordinates). kohya computes a letterbox
+    offset instead (`BucketManager.get_crop_ltrb`, sd-scripts issue 1443), which sdtool does not copy. Families
+    without size conditioning ignore them.
+    """
+    left, top, right, _bottom = item.crop
+    if flipped:
+        left = item.resized[0] - right
+    original = item.image_size or item.resized
+    return [original[1], original[0], top, left, item.bucket[1], item.bucket[0]]
 
 
 def load_cached(item: TrainItem, sub: SubsetRuntime, expected_vae: str | None = None) -> Any:
@@ -321,18 +350,24 @@ def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime], expected_v
 
 
 class Collate:
-    """Stacks a batch and tokenizes its captions (in the DataLoader worker, off the training process)."""
+    """Stacks a batch and tokenizes its captions for every text encoder of the model's family (in the DataLoader
+    worker, off the training process)."""
 
-    def __init__(self, tokenizer: Any, max_token_length: int | None):
-        self.tokenizer = tokenizer
+    def __init__(self, family: Any, tokenizers: list[Any], max_token_length: int | None):
+        self.family = family
+        self.tokenizers = tokenizers
         self.max_token_length = max_token_length
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from sdtool.text import tokenize_chunks
-
         captions = [s["caption"] for s in samples]
-        ids, lengths = tokenize_chunks(self.tokenizer, captions, self.max_token_length)
+        ids, lengths = self.family.tokenize(self.tokenizers, captions, self.max_token_length)
         key = "latents" if "latents" in samples[0] else "pixels"
-        return {key: torch.stack([s[key] for s in samples]), "input_ids": ids, "lengths": lengths, "captions": captions}
+        return {
+            key: torch.stack([s[key] for s in samples]),
+            "input_ids": ids,
+            "lengths": lengths,
+            "captions": captions,
+            "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
+        }

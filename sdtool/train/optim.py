@@ -105,3 +105,41 @@ def build_lr_scheduler(
         num_cycles=num_cycles,
         power=power,
     )
+
+
+def unet_param_groups(unet: Any, lr: float, block_lrs: list[float] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The U-Net's optimizer groups and their names: one group at `lr`, or kohya's per-block rates (`block_lr`).
+
+    With block rates, each weight goes to the block kohya's `sdxl_train.get_block_params_to_optimize` puts its LDM
+    name in (0 time/label embedding, 1-9 input blocks, 10-12 middle block, 13-21 output blocks, 22 out); a block
+    at rate 0 is frozen, as kohya leaves it out of the optimizer.
+    """
+    params = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+    if block_lrs is None:
+        return [{"params": [p for _, p in params], "lr": lr}], ["unet"]
+    from sdtool.models import ldm_keys
+
+    ldm_names = ldm_keys.unet_to_ldm({name: p for name, p in params}, unet.config)
+    blocks: list[list[Any]] = [[] for _ in block_lrs]
+    for ldm_name, param in ldm_names.items():
+        blocks[_kohya_block(ldm_name.removeprefix(ldm_keys.UNET_PREFIX))].append(param)
+    groups, names = [], []
+    for index, (rate, members) in enumerate(zip(block_lrs, blocks, strict=True)):
+        if rate == 0:
+            for param in members:
+                param.requires_grad_(False)
+        elif members:
+            groups.append({"params": members, "lr": rate})
+            names.append(f"block{index}")
+    return groups, names
+
+
+def _kohya_block(name: str) -> int:
+    if name.startswith(("time_embed.", "label_emb.")):
+        return 0
+    for prefix, first in (("input_blocks.", 1), ("middle_block.", 10), ("output_blocks.", 13)):
+        if name.startswith(prefix):
+            return first + int(name.split(".")[1])
+    if name.startswith("out."):
+        return 22
+    raise ValueError(f"U-Net weight {name} belongs to no block of kohya's block_lr")

@@ -28,6 +28,7 @@ class TextPart:
     tokenizer: str
     encoder_class: str
     default_tokenizer: tuple[str, str | None]
+    lr_key: str  # the config key of its learning rate (kohya's names)
 
 
 @dataclass
@@ -71,6 +72,16 @@ class ModelFamily:
     resolutions: ClassVar[dict[bool, int]]
     # what kohya's `v2` flag says for this family (True for SD 2.x only)
     kohya_v2: ClassVar[bool] = False
+    # dataset keys whose defaults differ for this family (its native resolution and bucket sides)
+    dataset_defaults: ClassVar[dict[str, Any]] = {}
+    # how many U-Net blocks kohya's `block_lr` gives rates for (None: the family has no block_lr)
+    block_lr_blocks: ClassVar[int | None] = None
+    # whether A1111-style hypernetworks apply to its U-Net
+    supports_hypernetworks: ClassVar[bool] = True
+    # whether the U-Net is conditioned on each image's original size and crop (metadata must hold image_size)
+    needs_original_size: ClassVar[bool] = False
+    # whether its released VAE overflows in fp16 (then it runs in fp32 unless its config says it was fixed)
+    vae_overflows_in_fp16: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"
@@ -106,6 +117,10 @@ class ModelFamily:
         """The text encoders' weights (modules by SDModel attribute; any may be missing) in this family's LDM layout,
         with `extras` as `ldm_extras` gave them."""
         raise NotImplementedError
+
+    def unused_text_modules(self, text_encoders: Sequence[Any], clip_skip: int | None) -> list[Any]:
+        """Text-encoder modules whose output no conditioning reads (frozen when the encoder trains)."""
+        return []
 
     def ldm_markers(self, v_prediction: bool, zero_terminal_snr: bool) -> dict[str, Any]:
         """Extra keys a single file of this family carries to say how it predicts (none for SD1/SD2)."""

@@ -18,7 +18,11 @@ class SD1Family(ModelFamily):
     title = "SD v1"
     text_encoder_prefixes = (CLIP_PREFIX,)
     linear_projection = False
-    text_parts = (TextPart("text_encoder", "tokenizer", "CLIPTextModel", ("openai/clip-vit-large-patch14", None)),)
+    text_parts = (
+        TextPart(
+            "text_encoder", "tokenizer", "CLIPTextModel", ("openai/clip-vit-large-patch14", None), "learning_rate_te"
+        ),
+    )
     architectures: ClassVar[dict[bool, str]] = {
         False: "stable-diffusion-v1",
         True: "stable-diffusion-v1",

@@ -29,7 +29,13 @@ class SD2Family(ModelFamily):
     linear_projection = True
     kohya_v2 = True
     text_parts = (
-        TextPart("text_encoder", "tokenizer", "CLIPTextModel", ("stabilityai/stable-diffusion-2", "tokenizer")),
+        TextPart(
+            "text_encoder",
+            "tokenizer",
+            "CLIPTextModel",
+            ("stabilityai/stable-diffusion-2", "tokenizer"),
+            "learning_rate_te",
+        ),
     )
     architectures: ClassVar[dict[bool, str]] = {False: "stable-diffusion-v2-512", True: "stable-diffusion-v2-768-v"}
     config_names: ClassVar[dict[bool, str]] = {False: "sd2-512", True: "sd2-768-v"}

@@ -43,8 +43,10 @@ class SDXLFamily(ModelFamily):
     text_encoder_prefixes = (CLIP_L_PREFIX, OPENCLIP_G_PREFIX)
     linear_projection = True
     text_parts = (
-        TextPart("text_encoder", "tokenizer", "CLIPTextModel", (_REPO, "tokenizer")),
-        TextPart("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", (_REPO, "tokenizer_2")),
+        TextPart("text_encoder", "tokenizer", "CLIPTextModel", (_REPO, "tokenizer"), "learning_rate_te1"),
+        TextPart(
+            "text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection", (_REPO, "tokenizer_2"), "learning_rate_te2"
+        ),
     )
     pipeline_class = "StableDiffusionXLPipeline"
     pipeline_options: ClassVar[dict[str, Any]] = {"add_watermarker": False}
@@ -54,6 +56,12 @@ class SDXLFamily(ModelFamily):
     }
     config_names: ClassVar[dict[bool, str]] = {False: "sdxl-base", True: "sdxl-base"}
     resolutions: ClassVar[dict[bool, int]] = {False: 1024, True: 1024}
+    # 1024², buckets 512-2048 (kohya has no SDXL defaults; its generic 256-1024 caps every non-square bucket at 1024)
+    dataset_defaults: ClassVar[dict[str, Any]] = {"resolution": 1024, "min_bucket_reso": 512, "max_bucket_reso": 2048}
+    block_lr_blocks = 23  # time/label embedding, input blocks 0-8, middle 0-2, output 0-8, out (kohya's sdxl_train)
+    supports_hypernetworks = False
+    needs_original_size = True
+    vae_overflows_in_fp16 = True
 
     def has_text_encoder(self, state_dict: Mapping[str, Any]) -> bool:
         # Both towers: SDXL conditions on the two together.
@@ -86,6 +94,12 @@ class SDXLFamily(ModelFamily):
             if zero_terminal_snr:
                 markers[ZTSNR_MARKER] = torch.tensor([])
         return markers
+
+    def unused_text_modules(self, text_encoders: Sequence[Any], clip_skip: int | None) -> list[Any]:
+        # CLIP-L conditions through its penultimate layer only; OpenCLIP's last layer and final norm feed the
+        # pooled embedding, so they stay (kohya freezes the same two modules of text encoder 1).
+        clip_l = text_encoders[0]
+        return [clip_l.encoder.layers[-1], clip_l.final_layer_norm]
 
     def check_clip_skip(self, clip_skip: int | None) -> str | None:
         if clip_skip in (None, 2):
@@ -147,22 +161,3 @@ def encode_sdxl(te1: Any, te2: Any, ids1: Any, ids2: Any, eos: int) -> TextCondi
     hidden = torch.cat([reassemble_chunks(hidden1, b, n), reassemble_chunks(hidden2.to(hidden1.device), b, n)], dim=-1)
     # With several chunks, the first chunk's pooled embedding stands for the prompt (kohya: pool2[::n]).
     return TextConditioning(hidden, pooled.reshape(b, n, -1)[:, 0].to(hidden.device))
-
-
-def time_ids(
-    original_size: tuple[int, int],
-    crop_ltrb: tuple[int, int, int, int],
-    resized: tuple[int, int],
-    bucket: tuple[int, int],
-    flipped: bool,
-) -> list[int]:
-    """SDXL's six size numbers for one image: original (h, w), crop top-left (top, left), target (h, w).
-
-    The crop is where the bucket sits in the resized image (SGM's meaning); a flipped image's left edge is mirrored
-    (kohya: target_w - crop_right, here in resized pixels). kohya computes a letterbox offset instead
-    (`BucketManager.get_crop_ltrb`, sd-scripts issue 1443), which sdtool does not copy.
-    """
-    left, top, right, _bottom = crop_ltrb
-    if flipped:
-        left = resized[0] - right
-    return [int(original_size[1]), int(original_size[0]), int(top), int(left), int(bucket[1]), int(bucket[0])]
