@@ -143,3 +143,32 @@ def _kohya_block(name: str) -> int:
     if name.startswith("out."):
         return 22
     raise ValueError(f"U-Net weight {name} belongs to no block of kohya's block_lr")
+
+
+def fuse_backward(optimizer: Any, max_grad_norm: float) -> None:
+    """kohya's `fused_backward_pass`: each weight takes its optimizer step as soon as its gradient is complete,
+    then drops the gradient, so the model's gradients never exist all at once (SDXL on 24 GB with Adafactor).
+
+    PyTorch's own recipe (post-accumulate-grad hooks); each step runs the optimizer over that one weight with its
+    group's current settings (the schedule keeps changing the group's rate). Clipping is per weight, as in kohya:
+    a global norm would need every gradient at once. `optimizer` may be accelerate's wrapper.
+    """
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+
+    def step_one(param: Any, group: dict[str, Any]) -> None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
+        groups = inner.param_groups
+        inner.param_groups = [{**group, "params": [param]}]
+        try:
+            inner.step()
+        finally:
+            inner.param_groups = groups
+        param.grad = None
+
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(lambda p, g=group: step_one(p, g))

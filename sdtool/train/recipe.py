@@ -80,7 +80,13 @@ class FineTuneRecipe:
         from sdtool.train.dataset import Collate, TrainDataset, check_cache, training_vae_fingerprint
         from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
-        from sdtool.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args, unet_param_groups
+        from sdtool.train.optim import (
+            build_lr_scheduler,
+            build_optimizer,
+            fuse_backward,
+            parse_optimizer_args,
+            unet_param_groups,
+        )
 
         quiet_third_party()
         t = self.t
@@ -188,6 +194,13 @@ class FineTuneRecipe:
         self.train_text = bool(trained_encoders)
         if t.full_fp16:
             _allow_fp16_grads(acc)
+        if t.fused_backward_pass:
+            if acc.num_processes > 1:
+                raise ConfigError(
+                    "fused_backward_pass steps each weight before the processes have averaged its gradient",
+                    hint="train on one process, or remove fused_backward_pass",
+                )
+            fuse_backward(self.optimizer, t.max_grad_norm)
         self.trained = [self.unet, *prepared]
         self.unet_dtype = next(acc.unwrap_model(self.unet).parameters()).dtype  # DeepSpeed may have cast it
         if self.hypernetwork is not None:
@@ -337,10 +350,12 @@ class FineTuneRecipe:
                     gen = step_generator(state.seed, state.global_step, micro, acc.device)
                     with acc.accumulate(*self.trained):
                         loss, timesteps = self.compute_loss(batch, gen)
-                        acc.backward(loss)
-                        grad_norm = self._clip_and_measure() if acc.sync_gradients else None
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                        acc.backward(loss)  # with fused_backward_pass every weight has taken its step here
+                        grad_norm = None
+                        if not self.t.fused_backward_pass:
+                            grad_norm = self._clip_and_measure() if acc.sync_gradients else None
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
                     state.batch_in_epoch += 1
                     micro += 1
                     loss_sum = loss_sum + acc.reduce(loss.detach(), "mean")  # the global batch's loss

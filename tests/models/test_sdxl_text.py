@@ -22,13 +22,19 @@ PROMPTS = ["", "a cat", "a photo of a girl with long hair " * 9, "a photo of a g
 
 
 def kohya_input_ids(tokenizer, text: str, max_length: int) -> torch.Tensor:
-    input_ids = tokenizer(text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt").input_ids
+    input_ids = tokenizer(
+        text, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    ).input_ids
     if max_length > tokenizer.model_max_length:
         input_ids = input_ids.squeeze(0)
         iids_list = []
         for i in range(1, max_length - tokenizer.model_max_length + 2, tokenizer.model_max_length - 2):
             ids_chunk = torch.cat(
-                (input_ids[0].unsqueeze(0), input_ids[i : i + tokenizer.model_max_length - 2], input_ids[-1].unsqueeze(0))
+                (
+                    input_ids[0].unsqueeze(0),
+                    input_ids[i : i + tokenizer.model_max_length - 2],
+                    input_ids[-1].unsqueeze(0),
+                )
             )
             if tokenizer.pad_token_id != tokenizer.eos_token_id:
                 if ids_chunk[-2] != tokenizer.eos_token_id and ids_chunk[-2] != tokenizer.pad_token_id:
