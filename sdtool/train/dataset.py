@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.bucket import algorithm as buckets
+from sdtool.captions import CaptionRules, assemble_caption, fixed_caption, process_caption
 from sdtool.console import err, warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
 from sdtool.runtime import usable_cpus
-from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
 from sdtool.train.config.schema import DatasetSpec
 
 Size = tuple[int, int]
@@ -239,13 +239,22 @@ class BucketBatchSampler:
 
 
 class TrainDataset:
-    """Samples for keys from BucketBatchSampler: processed caption plus cached latents or bucketed pixels."""
+    """Samples for keys from BucketBatchSampler: processed caption plus cached latents or bucketed pixels, and the
+    caption's text-encoder outputs when they are cached (`text_outputs`)."""
 
-    def __init__(self, items: list[TrainItem], subsets: list[SubsetRuntime], seed: int, cached: bool):
+    def __init__(
+        self,
+        items: list[TrainItem],
+        subsets: list[SubsetRuntime],
+        seed: int,
+        cached: bool,
+        text_outputs: TextOutputs | None = None,
+    ):
         self.items = items
         self.subsets = subsets
         self.seed = seed
         self.cached = cached
+        self.text_outputs = text_outputs
 
     def __len__(self) -> int:
         return len(self.items)
@@ -261,6 +270,8 @@ class TrainDataset:
         caption = process_caption(item.caption, sub.rules, rng, epoch + 1)
         flip = sub.flip_aug and rng.random() < 0.5
         sample: dict[str, Any] = {"caption": caption, "time_ids": size_conditioning(item, flip)}
+        if self.text_outputs is not None:
+            sample.update(self.text_outputs.get(caption, sub.metadata_file))
         if self.cached:
             latents = load_cached(item, sub).sample(flip, torch.Generator().manual_seed(seed))
             return {**sample, "latents": latents.float()}
@@ -268,6 +279,32 @@ class TrainDataset:
 
         pixels = load_bucketed_pixels(item.image, item.resized, item.bucket, sub.interpolation, item.image_size)
         return {**sample, "pixels": to_tensor(pixels, flip)}
+
+
+@dataclass
+class TextOutputs:
+    """Cached text-encoder outputs by caption: held in `store` (in memory), or read from each subset's
+    `<META stem>.text/` folder (on disk) when `on_disk`."""
+
+    settings: Any  # sdtool.cache.text_outputs.TextSettings
+    store: dict[str, dict[str, Any]]
+    on_disk: bool
+
+    def get(self, caption: str, metadata_file: Path) -> dict[str, Any]:
+        from sdtool.cache.text_outputs import entry_path, read_entry, text_cache_dir
+
+        key = self.settings.key(caption)
+        found = self.store.get(key)
+        if found is None and self.on_disk:
+            found = read_entry(entry_path(text_cache_dir(metadata_file), key))
+        if found is None:
+            raise SdtoolError(f"no cached text-encoder outputs for the caption {caption!r}")
+        return found
+
+
+def item_caption(item: TrainItem, sub: SubsetRuntime) -> str:
+    """The caption an item always gets when nothing random applies (what text-encoder outputs are cached for)."""
+    return fixed_caption(item.caption, sub.rules)
 
 
 def size_conditioning(item: TrainItem, flipped: bool) -> list[int]:
@@ -364,10 +401,14 @@ class Collate:
         captions = [s["caption"] for s in samples]
         ids, lengths = self.family.tokenize(self.tokenizers, captions, self.max_token_length)
         key = "latents" if "latents" in samples[0] else "pixels"
-        return {
+        batch = {
             key: torch.stack([s[key] for s in samples]),
             "input_ids": ids,
             "lengths": lengths,
             "captions": captions,
             "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
         }
+        for cached in ("hidden", "pooled"):  # text-encoder outputs computed once (cache_text_encoder_outputs)
+            if cached in samples[0]:
+                batch[cached] = torch.stack([s[cached] for s in samples])
+        return batch

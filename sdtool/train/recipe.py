@@ -173,7 +173,8 @@ class FineTuneRecipe:
             power=t.lr_scheduler_power,
         )
 
-        dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached)
+        text_outputs = self._cache_text_outputs(encoders) if t.cache_text_encoder_outputs else None
+        dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached, text_outputs)
         workers = min(t.max_data_loader_n_workers, usable_cpus())
         collate = Collate(family, model.tokenizers, t.max_token_length)
         persistent = t.persistent_data_loader_workers and workers > 0
@@ -234,6 +235,45 @@ class FineTuneRecipe:
             self.metrics = open(metrics, "a" if t.resume else "w", encoding="utf-8")  # noqa: SIM115 (closed in cleanup)
         if t.log_with is not None:
             init_trackers(acc, self.cfg)
+
+    def _cache_text_outputs(self, encoders: list[Any]) -> Any:
+        """Encode every caption once before the first step (kohya's cache_text_encoder_outputs): into memory, or into
+        each subset's `<META stem>.text/` folder with cache_text_encoder_outputs_to_disk (entries already there, from
+        an earlier run or `sdtool cache --text-encoder-outputs`, are used as they are)."""
+        from sdtool.cache.text_outputs import TextSettings, encode_missing, text_cache_dir, text_encoders_fingerprint
+        from sdtool.console import progress_bar
+        from sdtool.train.dataset import TextOutputs, item_caption
+
+        t, acc = self.t, self.accelerator
+        settings = TextSettings(self.family.name, text_encoders_fingerprint(encoders), t.max_token_length, t.clip_skip)
+        texts: dict[Path, list[str]] = {}
+        for item in self.plan.items:
+            sub = self.plan.subsets[item.subset]
+            texts.setdefault(sub.metadata_file, []).append(item_caption(item, sub))
+        store: dict[str, dict[str, Any]] = {}
+        to_disk = t.cache_text_encoder_outputs_to_disk
+        total = sum(len(set(v)) for v in texts.values())
+        encoded = 0
+        with progress_bar("text-encoder outputs", total) as advance:
+            for metadata_file, captions in texts.items():
+                if to_disk and not acc.is_main_process:
+                    continue  # rank 0 writes the files; the others read them after the barrier below
+                folder = text_cache_dir(metadata_file) if to_disk else None
+                encoded += encode_missing(
+                    captions,
+                    self.family,
+                    self.model.tokenizers,
+                    encoders,
+                    settings,
+                    store=None if to_disk else store,
+                    cache_dir=folder,
+                    advance=advance,
+                )
+        acc.wait_for_everyone()
+        info(f"text-encoder outputs: {total} captions, {encoded} encoded" + (" to disk" if to_disk else ""))
+        for te in encoders:  # no longer needed on the device: sampling moves them back while it runs
+            te.to("cpu")
+        return TextOutputs(settings, store, to_disk)
 
     def _text_encoder_rates(self) -> list[float | None]:
         """The learning rate of each text encoder (None: frozen): `train_text_encoder` with the family's rate keys
@@ -312,6 +352,7 @@ class FineTuneRecipe:
         """One micro-batch: latents → noise → U-Net → loss. Returns (loss, the global batch's timesteps)."""
         import torch
 
+        from sdtool.models.families.base import TextConditioning
         from sdtool.text import default_reporter
         from sdtool.train.distributed import noisy_inputs, sample_posterior
 
@@ -328,8 +369,11 @@ class FineTuneRecipe:
             latents = latents.float() * self.scaling_factor
         noisy, timesteps, target, all_timesteps = noisy_inputs(self.objective, latents, generator, shard)
         with self.accelerator.autocast():
-            with torch.set_grad_enabled(self.train_text):
-                conditioning = self.family.encode_ids(self.text_encoders, batch["input_ids"], self.t.clip_skip)
+            if "hidden" in batch:  # computed once before the first step (cache_text_encoder_outputs)
+                conditioning = TextConditioning(batch["hidden"], batch.get("pooled"))
+            else:
+                with torch.set_grad_enabled(self.train_text):
+                    conditioning = self.family.encode_ids(self.text_encoders, batch["input_ids"], self.t.clip_skip)
             inputs = self.family.unet_inputs(conditioning.to(self.unet_dtype), batch["time_ids"])
             pred = self.unet(noisy.to(self.unet_dtype), timesteps, **inputs).sample
         # Weighted so that DDP's mean over ranks is the mean over the global batch (1.0 on one process).

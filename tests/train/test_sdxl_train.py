@@ -211,3 +211,103 @@ def test_sdxl_metadata_without_image_size_is_refused_with_the_fix(cli, tmp_path,
     result = cli("train", cfg)
     assert result.exit_code == 2, result.stderr
     assert "no image_size" in result.stderr and "sdtool bucket" in result.stderr and "--update" in result.stderr
+
+
+@pytest.mark.slow
+def test_cached_text_encoder_outputs_train_like_encoding_every_step(cli, tmp_path, tiny_sdxl):
+    from sdtool.cache.text_outputs import text_cache_dir
+
+    # SGD: batching the captions differently moves outputs by float rounding, which Adam's first steps magnify.
+    def config(name, extra=""):
+        return sdxl_config(tmp_path, tiny_sdxl, name, extra=extra, optimizer="SGDNesterov")
+
+    plain = cli("train", config("plain"))
+    assert plain.exit_code == 0, plain.stderr
+    memory = cli("train", config("memory", "cache_text_encoder_outputs = true"))
+    assert memory.exit_code == 0, memory.stderr
+    assert "text-encoder outputs:" in memory.stderr and "encoded" in memory.stderr
+    folder = text_cache_dir(tmp_path / "data" / "meta.json")
+    assert not folder.exists()  # in memory only
+    a, b = weights(tmp_path / "plain" / "xl.safetensors"), weights(tmp_path / "memory" / "xl.safetensors")
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-6
+
+    disk_extra = "cache_text_encoder_outputs_to_disk = true"
+    disk = cli("train", config("disk", disk_extra))
+    assert disk.exit_code == 0, disk.stderr
+    entries = sorted(folder.glob("*.safetensors"))
+    assert len(entries) == 3  # one per distinct caption of the three images
+    entries[0].write_bytes(b"damaged")
+    again = cli("train", config("again", disk_extra))
+    assert again.exit_code == 0, again.stderr
+    assert "3 captions, 1 encoded to disk" in again.stderr  # the damaged entry, and only it, is encoded again
+    c = weights(tmp_path / "again" / "xl.safetensors")
+    assert max((a[k].float() - c[k].float()).abs().max().item() for k in a) < 1e-6
+
+
+def test_caption_changing_options_refuse_text_encoder_output_caching(cli, tmp_path, junk_sdxl):
+    cfg = sdxl_config(tmp_path, junk_sdxl, "bad", extra="cache_text_encoder_outputs = true", shuffle_caption=True)
+    result = cli("train", cfg)
+    assert result.exit_code == 2, result.stderr
+    assert "shuffle_caption: changes the caption from step to step" in result.stderr
+
+
+@pytest.mark.slow
+def test_sdxl_chain_bucket_cache_train_convert_sample(cli, tmp_path, tiny_sdxl):
+    """The workflow on SDXL: bucket → cache (latents and text-encoder outputs, checked with --status) → train on
+    both caches → convert to a diffusers folder → a sample from the converted model."""
+    from PIL import Image
+
+    from tests.imagegen import save_rgb
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, (w, h) in enumerate([(96, 96), (128, 64), (64, 128), (100, 90)]):
+        save_rgb(images / f"i{i}.png", w, h, seed=i)
+        (images / f"i{i}.caption").write_text(f"a photo of a red cat {i}")
+    meta = tmp_path / "meta.json"
+    bucket = cli("bucket", images, "-o", meta, "--resolution", "64", "--min-bucket-reso", "64",
+                 "--max-bucket-reso", "128", "--bucket-reso-steps", "64")
+    assert bucket.exit_code == 0, bucket.stderr
+    cache = cli("cache", meta, "--model", tiny_sdxl, "--device", "cpu", "--text-encoder-outputs",
+                "--max-token-length", "150", "--flip-aug")
+    assert cache.exit_code == 0, cache.stderr
+    assert "text-encoder outputs: 4 captions, 4 encoded, 0 missing" in cache.stderr
+    status = cli("cache", meta, "--model", tiny_sdxl, "--status", "--text-encoder-outputs", "--max-token-length",
+                 "150", "--json", "--strict")
+    assert status.exit_code == 0, status.stderr
+    rows = [json.loads(line) for line in status.stdout.splitlines()]
+    assert sum(r.get("kind") == "text_encoder_outputs" and r["status"] == "ok" for r in rows) == 4
+    assert sum("kind" not in r and r["status"] == "ok" for r in rows) == 4
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat --w 64 --h 64 --d 1 --s 2\n")
+    text = f"""
+pretrained_model_name_or_path = "{tiny_sdxl}"
+output_dir = "{tmp_path / 'out'}"
+output_name = "xl"
+max_train_steps = 3
+max_token_length = 150
+cache_latents = true
+cache_text_encoder_outputs_to_disk = true
+max_data_loader_n_workers = 0
+sample_prompts = "{prompts}"
+sample_every_n_steps = 3
+learning_rate = 1e-3
+
+[general]
+flip_aug = true
+
+[[datasets]]
+resolution = 64
+  [[datasets.subsets]]
+  image_dir = "{images}"
+  metadata_file = "{meta}"
+"""
+    train = cli("train", write_config(tmp_path / "xl.toml", text))
+    assert train.exit_code == 0, train.stderr
+    assert "4 captions, 0 encoded" in train.stderr  # every caption came from the cache
+    convert = cli("convert", tmp_path / "out" / "xl.safetensors", tmp_path / "xl-diffusers", "--config", tiny_sdxl)
+    assert convert.exit_code == 0, convert.stderr
+    assert (tmp_path / "xl-diffusers" / "model_index.json").read_text().count("StableDiffusionXLPipeline") == 1
+    grids = list((tmp_path / "out" / "sample").glob("*_grid.png"))
+    assert grids and Image.open(grids[0]).size == (64, 64)
