@@ -4,6 +4,7 @@ recognised from weights and configs."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sdtool.errors import UsageError
@@ -52,3 +53,44 @@ def from_architecture(architecture: str) -> ModelFamily | None:
 def text_encoder_prefixes() -> tuple[str, ...]:
     """Every family's LDM text-encoder prefixes."""
     return tuple(p for f in FAMILIES for p in f.text_encoder_prefixes)
+
+
+def detect_source(source: str | Path) -> ModelFamily | None:
+    """The family of a local model from its small files only (configs, or a safetensors header), before anything
+    loads; None for hub ids, pickled files and anything unreadable (they are told apart when they load)."""
+    import json
+    import struct
+
+    path = Path(source)
+    if path.is_dir():
+
+        def read(rel: str) -> dict[str, Any] | None:
+            try:
+                data = json.loads((path / rel).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+
+        unet = read("unet/config.json")
+        return detect_configs(unet, read("text_encoder/config.json")) if unet is not None else None
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100_000_000:
+                    return None
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            return None
+        if not isinstance(header, dict):
+            return None
+
+        class _Shape:  # what detection reads of a tensor: its shape
+            def __init__(self, shape: list[int]):
+                self.shape = tuple(shape)
+
+        shapes = {
+            k: _Shape(v.get("shape", [])) for k, v in header.items() if isinstance(v, dict) and k != "__metadata__"
+        }
+        return detect_ldm(shapes)
+    return None

@@ -63,9 +63,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Resolve
 
 def _model_family(source: object, base: Path) -> ModelFamily | None:
     """The model's family from its small files, when it is local (hub ids and .ckpt files: known after loading)."""
-    from sdtool.models.loading import detect_source_family
+    from sdtool.models.families import detect_source
     from sdtool.train.config.files import resolve_path
 
     if not isinstance(source, str):
         return None
-    return detect_source_family(resolve_path(source, base))
+    return detect_source(resolve_path(source, base))
