@@ -549,6 +549,7 @@ class FineTuneRecipe:
                 return None
             model = self.model
             swap = dict(zip(map(id, self.trained[1:]), trained, strict=True))
+            t_ztsnr = self.t.zero_terminal_snr
             text_parts: dict[str, Any] = {}
             for part, te in zip(self.family.text_parts, self.text_encoders, strict=True):
                 text_parts[part.encoder] = acc.unwrap_model(swap.get(id(te), te))
@@ -559,7 +560,8 @@ class FineTuneRecipe:
                 unet=unet,
                 text_parts=text_parts,
                 vae=model.vae if model.vae is not None else self._load_vae_for_saving(),
-                scheduler_config=model.scheduler_config,
+                # A model trained with zero_terminal_snr is sampled with that schedule: its files say so.
+                scheduler_config={**model.scheduler_config, **({"rescale_betas_zero_snr": True} if t_ztsnr else {})},
                 family=model.family,
                 v_prediction=model.v_prediction,
                 precision=self.t.save_precision,

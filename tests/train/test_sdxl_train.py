@@ -311,3 +311,24 @@ resolution = 64
     assert (tmp_path / "xl-diffusers" / "model_index.json").read_text().count("StableDiffusionXLPipeline") == 1
     grids = list((tmp_path / "out" / "sample").glob("*_grid.png"))
     assert grids and Image.open(grids[0]).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_v_prediction_sdxl_with_ztsnr_min_snr_noise_offset_and_ema(cli, tmp_path, tiny_sdxl):
+    """The loss options and EMA are the family's business of nobody: they run on SDXL as they do on SD1/2."""
+    import shutil
+
+    from safetensors import safe_open
+
+    vpred = tmp_path / "vpred-sdxl"
+    shutil.copytree(tiny_sdxl, vpred)
+    scheduler = vpred / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"epsilon"', '"v_prediction"'))
+    extra = "zero_terminal_snr = true\nmin_snr_gamma = 5.0\nnoise_offset = 0.05\nuse_ema = true\nema_decay = 0.9"
+    result = cli("train", sdxl_config(tmp_path, vpred, "v", extra=extra))
+    assert result.exit_code == 0, result.stderr
+    assert "SDXL, v_prediction prediction" in result.stderr
+    out = tmp_path / "v" / "xl.safetensors"
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v"
+        assert "v_pred" in f.keys() and "ztsnr" in f.keys()  # ComfyUI's markers for v-prediction and ZTSNR
