@@ -84,7 +84,7 @@ def _chunk(full: list[int], n: int, eos: int, pad: int) -> list[list[int]]:
     chunks = []
     for i in range(1, len(full) - CHUNK, CHUNK):
         chunk = [full[0], *full[i : i + CHUNK], full[-1]]
-        if pad != eos:  # v2 ("!" padding): keep an EOS at the end of a full chunk and at the start of an empty one
+        if pad != eos:  # OpenCLIP's "!" padding: an EOS ends a full chunk and starts an empty one
             if chunk[-2] not in (eos, pad):
                 chunk[-1] = eos
             if chunk[1] == pad:
@@ -111,6 +111,13 @@ def encode_chunks(text_encoder: Any, ids: Any, clip_skip: int | None = None) -> 
     else:
         out = text_encoder(flat, output_hidden_states=True)
         states = final_layer_norm(text_encoder)(out.hidden_states[-clip_skip])
+    return reassemble_chunks(states, b, n)
+
+
+def reassemble_chunks(states: Any, b: int, n: int) -> Any:
+    """(B·n, 77, D) per-chunk states → (B, 2 + 75n, D): chunk 0's BOS, each chunk's 75 inner states, the last
+    chunk's final state (one chunk stays as it is)."""
+    length = states.shape[1]
     states = states.reshape(b, n * length, states.shape[-1])
     if n == 1:
         return states

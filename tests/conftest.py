@@ -56,6 +56,14 @@ def tiny_v2(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-v2", "v2")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped diffusers folder: two text encoders, `text_time` micro-conditioning, epsilon."""
+    from sdtool.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sdxl", "sdxl")
+
+
 @pytest.fixture
 def cli():
     """Invoke the Typer app in-process; stdout and stderr stay separate."""

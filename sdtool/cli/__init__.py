@@ -22,7 +22,7 @@ from sdtool.runtime import quiet_third_party
 
 app = typer.Typer(
     name="sdtool",
-    help="Fine-tune Stable Diffusion v1/v2: caption, tag, bucket, cache, train, convert.",
+    help="Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -43,7 +43,7 @@ def root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Fine-tune Stable Diffusion v1/v2: caption, tag, bucket, cache, train, convert."""
+    """Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert."""
     if verbose and quiet:
         raise typer.BadParameter("--verbose and --quiet exclude each other")
     set_verbosity(VERBOSE if verbose else QUIET if quiet else NORMAL)

@@ -14,6 +14,7 @@ NO_ARGS_IS_HELP = True
 
 
 def command(
+    ctx: typer.Context,
     dirs: ImageDirsArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Metadata JSON (or .jsonl) to write.")],
     resolution: Annotated[
@@ -43,11 +44,30 @@ def command(
     json_lines: JsonOpt = False,
     workers: WorkersOpt = None,
     strict: StrictOpt = False,
+    sdxl: Annotated[
+        bool,
+        typer.Option(
+            "--sdxl",
+            help="SDXL's defaults: --resolution 1024 --min-bucket-reso 512 --max-bucket-reso 2048 (options given win).",
+        ),
+    ] = False,
 ) -> None:
     """Read image sizes, assign aspect-ratio buckets and write the metadata JSON."""
     from sdtool.bucket.algorithm import BucketSettings, adjust_min_max_to_steps, parse_resolution
     from sdtool.console import Output, SkipReporter, info, progress_bar, warn
     from sdtool.errors import UsageError
+
+    if sdxl:  # the SDXL family's dataset defaults, for each of the three options left at its own default
+        from sdtool.models.families.sdxl import SDXL
+
+        # By name: Typer carries its own copy of click's ParameterSource enum.
+        given = {
+            name: getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT" for name in SDXL.dataset_defaults
+        }
+        defaults = SDXL.dataset_defaults
+        resolution = resolution if given["resolution"] else str(defaults["resolution"])
+        min_bucket_reso = min_bucket_reso if given["min_bucket_reso"] else defaults["min_bucket_reso"]
+        max_bucket_reso = max_bucket_reso if given["max_bucket_reso"] else defaults["max_bucket_reso"]
 
     # --- validate everything before reading a single image -------------------------------------------------------
     try:

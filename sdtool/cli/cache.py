@@ -78,6 +78,23 @@ def command(
     ] = False,
     json_lines: JsonOpt = False,
     strict: StrictOpt = False,
+    text_encoder_outputs: Annotated[
+        bool,
+        typer.Option(
+            "--text-encoder-outputs",
+            help="Also encode each caption with the text encoders into <META stem>.text/ (for training with "
+            "cache_text_encoder_outputs_to_disk), or report them with --status.",
+        ),
+    ] = False,
+    max_token_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-token-length", help="With --text-encoder-outputs: 75, 150 or 225, as in the training config."
+        ),
+    ] = None,
+    clip_skip: Annotated[
+        int | None, typer.Option("--clip-skip", help="With --text-encoder-outputs: as in the training config.")
+    ] = None,
 ) -> None:
     """Encode bucketed images with the VAE and store their latents on disk."""
     from sdtool.console import Output, SkipReporter, mute_secondary_process
@@ -92,19 +109,31 @@ def command(
             from sdtool.errors import UsageError
 
             raise UsageError("--status only reports; it cannot be combined with --overwrite")
-        _print_status(
-            metadata,
-            model,
-            vae,
-            image_dir,
-            cache_dir,
-            format.value,
-            flip_aug,
-            resize_interpolation.value,
-            precision.value if precision else None,
-            json_lines,
-            strict,
-        )
+        from sdtool.errors import StrictModeError
+
+        latent_problem: StrictModeError | None = None
+        try:
+            _print_status(
+                metadata,
+                model,
+                vae,
+                image_dir,
+                cache_dir,
+                format.value,
+                flip_aug,
+                resize_interpolation.value,
+                precision.value if precision else None,
+                json_lines,
+                strict,
+            )
+        except StrictModeError as exc:
+            if not text_encoder_outputs:
+                raise
+            latent_problem = exc  # reported after the text-encoder outputs, so both reports show
+        if text_encoder_outputs:
+            _text_outputs(metadata, model, image_dir, max_token_length, clip_skip, device, True, json_lines, strict)
+        if latent_problem is not None:
+            raise latent_problem
         return
     from sdtool.cache.job import CacheOptions, run_cache
 
@@ -130,6 +159,54 @@ def command(
         skips=skips,
     )
     skips.finish("cached")
+    if text_encoder_outputs and process_rank() == 0:
+        _text_outputs(metadata, model, image_dir, max_token_length, clip_skip, device, False, json_lines, strict)
+
+
+def _text_outputs(
+    metadata: Path,
+    model: str | None,
+    image_dir: Path | None,
+    max_token_length: int | None,
+    clip_skip: int | None,
+    device: str,
+    status_only: bool,
+    json_lines: bool,
+    strict: bool,
+) -> None:
+    """`--text-encoder-outputs`: encode (or report) every caption's text-encoder outputs."""
+    from sdtool.cache.text_outputs import run_text_cache
+    from sdtool.console import Output, info
+    from sdtool.errors import StrictModeError, UsageError
+    from sdtool.text import num_chunks
+
+    if model is None:
+        raise UsageError("--text-encoder-outputs needs --model (the text encoders)", hint="pass --model MODEL")
+    num_chunks(max_token_length)  # 75/150/225 or a usage error
+    summary, rows = run_text_cache(
+        metadata,
+        model=model,
+        image_dir=image_dir,
+        max_token_length=max_token_length,
+        clip_skip=clip_skip,
+        device=device,
+        status_only=status_only,
+    )
+    out = Output(json_lines)
+    if status_only:
+        for image, text, ok in rows:
+            out.record(
+                {
+                    "path": str(image),
+                    "kind": "text_encoder_outputs",
+                    "status": "ok" if ok else "missing",
+                    "caption": text,
+                }
+            )
+    done = "" if status_only else f", {summary.encoded} encoded"
+    info(f"text-encoder outputs: {summary.captions} captions{done}, {summary.missing} missing")
+    if strict and status_only and summary.missing:
+        raise StrictModeError(f"{summary.missing} captions have no text-encoder outputs", hint="run sdtool cache")
 
 
 def _print_status(

@@ -24,6 +24,7 @@ class ModelType(str, Enum):
     auto = "auto"
     v1 = "v1"
     v2 = "v2"
+    sdxl = "sdxl"
 
 
 class Prediction(str, Enum):
@@ -41,7 +42,7 @@ def command(
     precision: Annotated[
         Precision | None, typer.Option("--precision", help="Store weights in this precision (default: as SRC).")
     ] = None,
-    model_type: Annotated[ModelType, typer.Option("--model-type", help="SD v1 or v2 (default: detect).")] = (
+    model_type: Annotated[ModelType, typer.Option("--model-type", help="SD v1, v2 or SDXL (default: detect).")] = (
         ModelType.auto
     ),
     prediction: Annotated[

@@ -2,7 +2,8 @@
 
 diffusers converts LDM files to diffusers models (`from_single_file`), and sdtool loads single files through it. No
 library writes the other direction, so it is written here once, table-driven: the tables are generated from a
-model's config, so SD1.5, SD2 and the tiny test models (other widths, block and layer counts) all map the same way.
+model's config, so SD1.5, SD2, SDXL and the tiny test models (other widths, block and layer counts) all map the
+same way.
 Text encoders differ per model family and are mapped in `sdtool.models.families`.
 
 LDM layout written:
@@ -60,6 +61,9 @@ def unet_table(config: Mapping[str, Any]) -> Table:
     rows: Table = [
         ("time_embedding.linear_1.", "time_embed.0.", ()),
         ("time_embedding.linear_2.", "time_embed.2.", ()),
+        # SDXL's micro-conditioning (`addition_embed_type = "text_time"`): label_emb in LDM files
+        ("add_embedding.linear_1.", "label_emb.0.0.", ()),
+        ("add_embedding.linear_2.", "label_emb.0.2.", ()),
         ("conv_in.", "input_blocks.0.0.", ()),
         ("conv_norm_out.", "out.0.", ()),
         ("conv_out.", "out.2.", ()),
@@ -130,7 +134,7 @@ def _apply_table(state_dict: Mapping[str, Any], table: Table, prefix: str, what:
                 out[prefix + dst + rest] = value
                 break
         else:
-            raise ModelError(f"{what} weight {key!r} has no place in the LDM layout (not an SD1/SD2 {what}?)")
+            raise ModelError(f"{what} weight {key!r} has no place in the LDM layout (not a Stable Diffusion {what}?)")
     return out
 
 

@@ -18,11 +18,13 @@ from typing import Any, Literal
 from sdtool.console import warn
 from sdtool.errors import ModelError, UsageError
 from sdtool.models import families
-from sdtool.models.families.base import ModelFamily
+from sdtool.models.families.base import ModelFamily, TextPart
+from sdtool.models.families.sdxl import V_PRED_MARKER, ZTSNR_MARKER
 from sdtool.runtime import quiet_third_party
 
-ModelTypeArg = Literal["auto", "v1", "v2"]
+ModelTypeArg = Literal["auto", "v1", "v2", "sdxl"]
 PredictionArg = Literal["auto", "epsilon", "v"]
+# "text_encoder" and "tokenizer" stand for all of a family's text encoders and tokenizers (SDXL has two of each).
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -37,6 +39,8 @@ class SDModel:
     vae: Any = None
     text_encoder: Any = None
     tokenizer: Any = None
+    text_encoder_2: Any = None  # SDXL's OpenCLIP ViT-bigG (with projection)
+    tokenizer_2: Any = None
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     # Text-encoder keys of a source single file that diffusers has no place for (the family's `ldm_extras`, e.g.
     # OpenCLIP's `text_projection`): carried into single files saved from this model.
@@ -49,6 +53,16 @@ class SDModel:
     @property
     def prediction_type(self) -> str:
         return "v_prediction" if self.v_prediction else "epsilon"
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """The family's text encoders, in the order their states are concatenated."""
+        return [getattr(self, part.encoder) for part in self.family.text_parts]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        """The tokenizer of each text encoder."""
+        return [getattr(self, part.tokenizer) for part in self.family.text_parts]
 
     @property
     def model_type(self) -> str:
@@ -129,8 +143,9 @@ def load_model(
 def _load_diffusers(
     src: str, model_type: ModelTypeArg, prediction: PredictionArg, dtype: Any, components: tuple[str, ...]
 ) -> SDModel:
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     kwargs: dict[str, Any] = {}
     if dtype is not None:
@@ -139,21 +154,24 @@ def _load_diffusers(
         scheduler_config = dict(DDPMScheduler.load_config(src, subfolder="scheduler"))
         unet_config = dict(UNet2DConditionModel.load_config(src, subfolder="unet"))
         text_config = _text_config(src)
+        detected_v = scheduler_config.get("prediction_type") == "v_prediction"
+        detected = families.detect_configs(unet_config, text_config)
+        family, v = resolve_family(detected, detected_v, model_type, prediction, src)
         loaded: dict[str, Any] = {}
         if "unet" in components:
             loaded["unet"] = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kwargs)
         if "vae" in components:
             loaded["vae"] = AutoencoderKL.from_pretrained(src, subfolder="vae", **kwargs)
-        if "text_encoder" in components:
-            te_kwargs = {"dtype": dtype} if dtype is not None else {}
-            loaded["text_encoder"] = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **te_kwargs)
-        if "tokenizer" in components:
-            loaded["tokenizer"] = checked_tokenizer(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"), src)
+        for part in family.text_parts:
+            if "text_encoder" in components:
+                te_kwargs = {"dtype": dtype} if dtype is not None else {}
+                encoder_class = getattr(transformers, part.encoder_class)
+                loaded[part.encoder] = encoder_class.from_pretrained(src, subfolder=part.encoder, **te_kwargs)
+            if "tokenizer" in components:
+                tokenizer = CLIPTokenizer.from_pretrained(src, subfolder=part.tokenizer)
+                loaded[part.tokenizer] = checked_tokenizer(tokenizer, f"{src} {part.tokenizer}/")
     except OSError as exc:
         raise ModelError(f"{src}: cannot load the model ({exc})") from exc
-    detected_v = scheduler_config.get("prediction_type") == "v_prediction"
-    detected = families.detect_configs(unet_config, text_config)
-    family, v = resolve_family(detected, detected_v, model_type, prediction, src)
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
     return SDModel(
         source=src,
@@ -231,6 +249,8 @@ def _load_single_file(
     if not ldm_keys.has_component(state_dict, "unet"):
         raise ModelError(f"{path}: no U-Net weights ({ldm_keys.UNET_PREFIX}*): not an SD checkpoint in LDM layout")
     detected_v = prediction_from_metadata(metadata)
+    if detected_v is None and V_PRED_MARKER in state_dict:
+        detected_v = True  # ComfyUI's marker key (written by sdtool for SDXL too)
     config_dir: Path | None = None
     if config is not None:
         config_dir = Path(config)
@@ -251,6 +271,8 @@ def _load_single_file(
         config_dir = family.config_dir(v)
     scheduler_config = _scheduler_config(config_dir)
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
+    if ZTSNR_MARKER in state_dict:
+        scheduler_config["rescale_betas_zero_snr"] = True
 
     loaded = _components_from_ldm(path, state_dict, config_dir, dtype, components, family, config is not None)
     return SDModel(
@@ -289,9 +311,9 @@ def _components_from_ldm(
     explicit: bool,
 ) -> dict[str, Any]:
     """Build the diffusers components from LDM weights with diffusers' single-file loaders."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
 
     from sdtool.models import ldm_keys
 
@@ -313,9 +335,14 @@ def _components_from_ldm(
         if "text_encoder" in components:
             if not family.has_text_encoder(state_dict):
                 raise ModelError(f"{path}: holds no text encoder ({', '.join(family.text_encoder_prefixes)}*)")
-            loaded["text_encoder"] = create_diffusers_clip_model_from_ldm(
-                CLIPTextModel, state_dict, subfolder="text_encoder", config=cfg, torch_dtype=dtype
-            )
+            for part in family.text_parts:
+                loaded[part.encoder] = create_diffusers_clip_model_from_ldm(
+                    getattr(transformers, part.encoder_class),
+                    state_dict,
+                    subfolder=part.encoder,
+                    config=cfg,
+                    torch_dtype=dtype,
+                )
     except ModelError:
         raise
     except (ValueError, RuntimeError, KeyError, OSError) as exc:
@@ -325,7 +352,8 @@ def _components_from_ldm(
         if missing:
             raise ModelError(f"{path}: {len(missing)} {name} weights missing for {where}, e.g. {missing[0]}", hint=hint)
     if "tokenizer" in components:
-        loaded["tokenizer"] = _tokenizer_for(config_dir, family, explicit)
+        for part in family.text_parts:
+            loaded[part.tokenizer] = _tokenizer_for(config_dir, family, part, explicit)
     return loaded
 
 
@@ -336,23 +364,22 @@ def checked_tokenizer(tokenizer: Any, where: str) -> Any:
     return tokenizer
 
 
-def _tokenizer_for(config_dir: Path, family: ModelFamily, explicit: bool) -> Any:
+def _tokenizer_for(config_dir: Path, family: ModelFamily, part: TextPart, explicit: bool) -> Any:
     from transformers import CLIPTokenizer
 
     if explicit:
         try:
-            return checked_tokenizer(
-                CLIPTokenizer.from_pretrained(str(config_dir), subfolder="tokenizer"), "tokenizer/"
-            )
+            tokenizer = CLIPTokenizer.from_pretrained(str(config_dir), subfolder=part.tokenizer)
+            return checked_tokenizer(tokenizer, f"{part.tokenizer}/")
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{config_dir}: no usable tokenizer/ ({_first_line(exc)})") from exc
-    repo, subfolder = family.default_tokenizer
+            raise ModelError(f"{config_dir}: no usable {part.tokenizer}/ ({_first_line(exc)})") from exc
+    repo, subfolder = part.default_tokenizer
     try:
         return checked_tokenizer(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder), repo)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"the {family.title} tokenizer ({repo}) is neither in the hub cache nor downloadable ({_first_line(exc)})",
-            hint="pass --config DIR, a diffusers folder of the same model family with a tokenizer/ in it",
+            hint=f"pass --config DIR, a diffusers folder of the same model family with a {part.tokenizer}/ in it",
         ) from exc
 
 

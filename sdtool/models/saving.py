@@ -73,9 +73,15 @@ def native_resolution(unet: Any, vae: Any = None) -> int | None:
 
 
 def ldm_state_dict(
-    unet: Any, vae: Any, text_encoder: Any, *, family: ModelFamily, extras: Mapping[str, Any] | None = None
+    unet: Any,
+    vae: Any,
+    text_encoders: Mapping[str, Any],
+    *,
+    family: ModelFamily,
+    extras: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The LDM single-file state dict of the given diffusers components (any may be None)."""
+    """The LDM single-file state dict of the given diffusers components (any may be None or missing);
+    `text_encoders` maps SDModel attribute names (text_encoder, text_encoder_2) to modules."""
     from sdtool.models import ldm_keys
 
     out: dict[str, Any] = {}
@@ -83,8 +89,7 @@ def ldm_state_dict(
         out.update(ldm_keys.unet_to_ldm(unet.state_dict(), unet.config))
     if vae is not None:
         out.update(ldm_keys.vae_to_ldm(vae.state_dict(), vae.config))
-    if text_encoder is not None:
-        out.update(family.text_encoder_to_ldm(text_encoder.state_dict(), extras))
+    out.update(family.text_encoders_to_ldm({k: v for k, v in text_encoders.items() if v is not None}, extras))
     return out
 
 
@@ -127,36 +132,44 @@ def save_single_file(
     metadata: Mapping[str, str] | None = None,
     fmt: SingleFileFormat | None = None,
     ckpt_extra: Mapping[str, int] | None = None,
+    zero_terminal_snr: bool | None = None,
 ) -> Path:
     """Write an LDM-layout single file atomically and return its path.
 
-    `model_or_components` is an `SDModel` or a mapping with `unet`, `vae`, `text_encoder` (any may be missing,
+    `model_or_components` is an `SDModel` or a mapping with `unet`, `vae`, the family's text encoders
+    (`text_encoder`, and `text_encoder_2` for SDXL; any may be missing,
     e.g. to write a U-Net-only file) and optionally `ldm_extras`. `dtype` casts every float tensor (None keeps
     each tensor's own). `metadata` goes into the safetensors header (build it with `modelspec_metadata`); a `.ckpt`
     is a plain `{"state_dict": …}` (plus `ckpt_extra` ints such as epoch / global_step), loadable with
-    `torch.load(weights_only=True)`.
+    `torch.load(weights_only=True)`. Families that mark v-prediction in the weights (SDXL, as ComfyUI reads it)
+    get the marker keys; `zero_terminal_snr` None takes it from an SDModel's scheduler config.
     """
     import torch
 
     path = Path(path)
     kind = single_file_format(path, fmt)
+    encoder_names = [part.encoder for part in family.text_parts]
     if isinstance(model_or_components, SDModel):
         parts: Mapping[str, Any] = {
             "unet": model_or_components.unet,
             "vae": model_or_components.vae,
-            "text_encoder": model_or_components.text_encoder,
+            **{name: getattr(model_or_components, name) for name in encoder_names},
             "ldm_extras": model_or_components.ldm_extras,
         }
+        if zero_terminal_snr is None:
+            zero_terminal_snr = bool(model_or_components.scheduler_config.get("rescale_betas_zero_snr"))
     else:
         parts = model_or_components
-    unknown = set(parts) - {"unet", "vae", "text_encoder", "ldm_extras"}
+    unknown = set(parts) - {"unet", "vae", "ldm_extras", *encoder_names}
     if unknown:
-        raise ModelError(f"cannot save components {sorted(unknown)} into an SD single file")
+        raise ModelError(f"cannot save components {sorted(unknown)} into a {family.title} single file")
+    encoders = {name: parts.get(name) for name in encoder_names}
     state_dict = ldm_state_dict(
-        parts.get("unet"), parts.get("vae"), parts.get("text_encoder"), family=family, extras=parts.get("ldm_extras")
+        parts.get("unet"), parts.get("vae"), encoders, family=family, extras=parts.get("ldm_extras")
     )
     if not state_dict:
         raise ModelError("nothing to save: no U-Net, VAE or text encoder given")
+    state_dict.update(family.ldm_markers(v_prediction, bool(zero_terminal_snr)))
     state_dict = _finalize(state_dict, dtype)
     with atomic_path(path) as tmp:
         if kind == "safetensors":
@@ -196,15 +209,16 @@ def save_diffusers(
     safe_serialization: bool = True,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write a diffusers StableDiffusionPipeline folder atomically (scheduler with the model's prediction type).
+    """Write a diffusers pipeline folder of the model's family atomically (scheduler with its prediction type).
 
     `extra_files` are text files written into the folder beside the components (e.g. training metadata).
     """
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
     path = Path(path)
-    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer") if getattr(model, name) is None]
+    family = model.family
+    needed = ["unet", "vae"] + [name for part in family.text_parts for name in (part.encoder, part.tokenizer)]
+    missing = [name for name in needed if getattr(model, name) is None]
     if missing:
         raise ModelError(f"cannot write a diffusers folder without {', '.join(missing)}")
     scheduler_config = dict(model.scheduler_config)
@@ -213,19 +227,17 @@ def save_diffusers(
     if scheduler_cls is None:
         raise ModelError(f"unknown scheduler class {class_name!r} in the model's scheduler config")
     scheduler_config["prediction_type"] = model.prediction_type
-    scheduler = scheduler_cls.from_config(scheduler_config)
-    pipe = StableDiffusionPipeline(
-        vae=_cast_copy(model.vae, dtype),
-        text_encoder=_cast_copy(model.text_encoder, dtype),
-        tokenizer=model.tokenizer,
-        unet=_cast_copy(model.unet, dtype),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components: dict[str, Any] = {
+        "vae": _cast_copy(model.vae, dtype),
+        "unet": _cast_copy(model.unet, dtype),
+        "scheduler": scheduler_cls.from_config(scheduler_config),
+    }
+    for part in family.text_parts:
+        components[part.encoder] = _cast_copy(getattr(model, part.encoder), dtype)
+        components[part.tokenizer] = getattr(model, part.tokenizer)
+    pipe = getattr(diffusers, family.pipeline_class)(**components, **family.pipeline_options)
     with atomic_path(path) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=safe_serialization)  # type: ignore[attr-defined]
+        pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
     return path

@@ -2,7 +2,10 @@
 
 They have SD's structure (four U-Net and VAE blocks, cross-attention in the first three U-Net levels, a CLIP text
 encoder and a BPE tokenizer) at a size that trains on a CPU in seconds. `v1` pads with EOS and predicts epsilon
-like SD 1.x; `v2` uses linear projections, gelu, "!" padding and v-prediction like SD 2.x-768-v.
+like SD 1.x; `v2` uses linear projections, gelu, "!" padding and v-prediction like SD 2.x-768-v. `sdxl` has
+SDXL's layout: three U-Net levels (no attention in the first, transformer depths 1/2/2 for SDXL's 1/2/10), the
+`text_time` micro-conditioning, a CLIP-L-like and an OpenCLIP-like text encoder with projection ("!" padding for
+the second), the SDXL VAE scaling factor and an Euler scheduler.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-TinyKind = Literal["v1", "v2"]
+TinyKind = Literal["v1", "v2", "sdxl"]
 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to characters (still valid BPE).
 _WORDS = (
@@ -30,16 +33,33 @@ _KINDS: dict[str, dict[str, Any]] = {
         "attention_head_dim": 2,
         "linear_projection": False,
         "hidden_act": "quick_gelu",
-        "scheduler": ("PNDMScheduler", {"skip_prk_steps": True, "prediction_type": "epsilon"}),
+        "scheduler": (
+            "PNDMScheduler",
+            {"skip_prk_steps": True, "set_alpha_to_one": False, "prediction_type": "epsilon"},
+        ),
     },
     "v2": {
         "pad_token": "!",
         "attention_head_dim": (2, 2, 4, 4),
         "linear_projection": True,
         "hidden_act": "gelu",
-        "scheduler": ("DDIMScheduler", {"clip_sample": False, "prediction_type": "v_prediction"}),
+        "scheduler": (
+            "DDIMScheduler",
+            {"clip_sample": False, "set_alpha_to_one": False, "prediction_type": "v_prediction"},
+        ),
+    },
+    "sdxl": {
+        "pad_token": "<|endoftext|>",
+        "pad_token_2": "!",
+        "sdxl_layout": True,
+        "attention_head_dim": (2, 4, 4),
+        "linear_projection": True,
+        "hidden_act": "quick_gelu",
+        "scheduler": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "prediction_type": "epsilon"}),
     },
 }
+# SDXL's micro-conditioning: six size numbers, each embedded in this many dimensions (256 in SDXL).
+TINY_TIME_EMBED = 8
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -76,14 +96,15 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_tiny_tokenizer(kind: TinyKind = "v1") -> Any:
+def build_tiny_tokenizer(kind: TinyKind = "v1", second: bool = False) -> Any:
+    """The tiny tokenizer of `kind` (`second`: SDXL's second tokenizer, which pads with "!")."""
     from transformers import CLIPTokenizer
 
     vocab, merges = tiny_vocab_and_merges()
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,  # type: ignore[arg-type]  # tuples, as tokenizers wants
-        pad_token=_KINDS[kind]["pad_token"],
+        pad_token=_KINDS[kind]["pad_token_2" if second else "pad_token"],
         model_max_length=77,
     )
 
@@ -131,15 +152,47 @@ def tiny_configs(kind: TinyKind = "v1") -> dict[str, dict[str, Any]]:
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab[row["pad_token"]],
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+    configs = {"unet": unet, "vae": vae, "text_encoder": text}
+    if row.get("sdxl_layout"):
+        _sdxl_configs(configs, vocab)
+    return configs
+
+
+def _sdxl_configs(configs: dict[str, dict[str, Any]], vocab: dict[str, int]) -> None:
+    """SDXL's layout at tiny widths: the second text encoder, the U-Net's levels and micro-conditioning."""
+    # Wider than the first, as bigG is wider than ViT-L (diffusers tells SDXL's two towers apart by width).
+    width2 = TINY_TEXT_WIDTH + 16
+    text2 = {
+        **configs["text_encoder"],
+        "hidden_size": width2,
+        "intermediate_size": 2 * width2,
+        "projection_dim": width2,
+        "hidden_act": "gelu",
+        "pad_token_id": vocab["!"],
+    }
+    configs["text_encoder_2"] = text2
+    configs["unet"].update(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        transformer_layers_per_block=(1, 2, 2),
+        cross_attention_dim=TINY_TEXT_WIDTH + width2,
+        upcast_attention=False,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TINY_TIME_EMBED,
+        projection_class_embeddings_input_dim=text2["projection_dim"] + 6 * TINY_TIME_EMBED,
+    )
+    configs["vae"].update(scaling_factor=0.13025, force_upcast=True)
 
 
 def build_tiny_pipeline(kind: TinyKind = "v1", seed: int = 0) -> Any:
-    """A StableDiffusionPipeline with tiny SD-shaped components and fixed-seed random weights."""
+    """A pipeline of the family's diffusers class with tiny components and fixed-seed random weights."""
     import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdtool.models.families import by_name
 
     configs = tiny_configs(kind)
     torch.manual_seed(seed)
@@ -153,25 +206,27 @@ def build_tiny_pipeline(kind: TinyKind = "v1", seed: int = 0) -> Any:
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
         steps_offset=1,
     )
     scheduler_class, scheduler_options = _KINDS[kind]["scheduler"]
     scheduler = getattr(diffusers, scheduler_class)(**schedule, **scheduler_options)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_tiny_tokenizer(kind),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components: dict[str, Any] = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": build_tiny_tokenizer(kind),
+        "unet": unet,
+        "scheduler": scheduler,
+    }
+    if "text_encoder_2" in configs:
+        torch.manual_seed(seed + 3)
+        components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+        components["tokenizer_2"] = build_tiny_tokenizer(kind, second=True)
+    family = by_name(kind)
+    return getattr(diffusers, family.pipeline_class)(**components, **family.pipeline_options)
 
 
 def save_tiny_model(path: str | Path, kind: TinyKind = "v1", seed: int = 0) -> Path:
-    """Write a tiny SD-shaped diffusers folder (safetensors weights) and return its path."""
+    """Write a tiny diffusers folder of `kind` (safetensors weights) and return its path."""
     path = Path(path)
     pipe = build_tiny_pipeline(kind, seed)
     pipe.save_pretrained(path, safe_serialization=True)

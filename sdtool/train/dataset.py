@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.bucket import algorithm as buckets
+from sdtool.captions import CaptionRules, assemble_caption, fixed_caption, process_caption
 from sdtool.console import err, warn
 from sdtool.errors import ImageError, InputError, SdtoolError
 from sdtool.metadata import ImageResolver, read_metadata
 from sdtool.runtime import usable_cpus
-from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
 from sdtool.train.config.schema import DatasetSpec
 
 Size = tuple[int, int]
@@ -148,6 +148,19 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
     return items, subsets
 
 
+def missing_original_sizes(items: list[TrainItem], subsets: list[SubsetRuntime]) -> list[str]:
+    """One problem per metadata file whose entries lack `image_size`, the original size SDXL is conditioned on."""
+    missing: dict[Path, list[Path]] = {}
+    for item in items:
+        if item.image_size is None:
+            missing.setdefault(subsets[item.subset].metadata_file, []).append(item.image)
+    return [
+        f"{meta}: {len(images)} image(s) have no image_size (the original size the model is conditioned on), e.g. "
+        f"{images[0]}; add it with sdtool bucket DIR -o {meta} --update"
+        for meta, images in missing.items()
+    ]
+
+
 def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list[TrainItem]:
     """Decode every image once and drop (naming each) those that cannot be decoded, before training starts.
 
@@ -226,13 +239,22 @@ class BucketBatchSampler:
 
 
 class TrainDataset:
-    """Samples for keys from BucketBatchSampler: processed caption plus cached latents or bucketed pixels."""
+    """Samples for keys from BucketBatchSampler: processed caption plus cached latents or bucketed pixels, and the
+    caption's text-encoder outputs when they are cached (`text_outputs`)."""
 
-    def __init__(self, items: list[TrainItem], subsets: list[SubsetRuntime], seed: int, cached: bool):
+    def __init__(
+        self,
+        items: list[TrainItem],
+        subsets: list[SubsetRuntime],
+        seed: int,
+        cached: bool,
+        text_outputs: TextOutputs | None = None,
+    ):
         self.items = items
         self.subsets = subsets
         self.seed = seed
         self.cached = cached
+        self.text_outputs = text_outputs
 
     def __len__(self) -> int:
         return len(self.items)
@@ -247,13 +269,57 @@ class TrainDataset:
         rng = random.Random(seed)
         caption = process_caption(item.caption, sub.rules, rng, epoch + 1)
         flip = sub.flip_aug and rng.random() < 0.5
+        sample: dict[str, Any] = {"caption": caption, "time_ids": size_conditioning(item, flip)}
+        if self.text_outputs is not None:
+            sample.update(self.text_outputs.get(caption, sub.metadata_file))
         if self.cached:
             latents = load_cached(item, sub).sample(flip, torch.Generator().manual_seed(seed))
-            return {"latents": latents.float(), "caption": caption}
+            return {**sample, "latents": latents.float()}
         from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
 
         pixels = load_bucketed_pixels(item.image, item.resized, item.bucket, sub.interpolation, item.image_size)
-        return {"pixels": to_tensor(pixels, flip), "caption": caption}
+        return {**sample, "pixels": to_tensor(pixels, flip)}
+
+
+@dataclass
+class TextOutputs:
+    """Cached text-encoder outputs by caption: held in `store` (in memory), or read from each subset's
+    `<META stem>.text/` folder (on disk) when `on_disk`."""
+
+    settings: Any  # sdtool.cache.text_outputs.TextSettings
+    store: dict[str, dict[str, Any]]
+    on_disk: bool
+
+    def get(self, caption: str, metadata_file: Path) -> dict[str, Any]:
+        from sdtool.cache.text_outputs import entry_path, read_entry, text_cache_dir
+
+        key = self.settings.key(caption)
+        found = self.store.get(key)
+        if found is None and self.on_disk:
+            found = read_entry(entry_path(text_cache_dir(metadata_file), key))
+        if found is None:
+            raise SdtoolError(f"no cached text-encoder outputs for the caption {caption!r}")
+        return found
+
+
+def item_caption(item: TrainItem, sub: SubsetRuntime) -> str:
+    """The caption an item always gets when nothing random applies (what text-encoder outputs are cached for)."""
+    return fixed_caption(item.caption, sub.rules)
+
+
+def size_conditioning(item: TrainItem, flipped: bool) -> list[int]:
+    """SDXL's six size numbers for an image: original (h, w), crop top-left (top, left), target (h, w).
+
+    The crop is where the bucket sits in the resized image (SGM's meaning); a flipped image's left edge is mirrored,
+    `resized_w - crop_right` (kohya mirrors it the same way, in its own coordinates). kohya computes a letterbox
+    offset instead (`BucketManager.get_crop_ltrb`, sd-scripts issue 1443), which sdtool does not copy. Families
+    without size conditioning ignore them.
+    """
+    left, top, right, _bottom = item.crop
+    if flipped:
+        left = item.resized[0] - right
+    original = item.image_size or item.resized
+    return [original[1], original[0], top, left, item.bucket[1], item.bucket[0]]
 
 
 def load_cached(item: TrainItem, sub: SubsetRuntime, expected_vae: str | None = None) -> Any:
@@ -321,18 +387,28 @@ def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime], expected_v
 
 
 class Collate:
-    """Stacks a batch and tokenizes its captions (in the DataLoader worker, off the training process)."""
+    """Stacks a batch and tokenizes its captions for every text encoder of the model's family (in the DataLoader
+    worker, off the training process)."""
 
-    def __init__(self, tokenizer: Any, max_token_length: int | None):
-        self.tokenizer = tokenizer
+    def __init__(self, family: Any, tokenizers: list[Any], max_token_length: int | None):
+        self.family = family
+        self.tokenizers = tokenizers
         self.max_token_length = max_token_length
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from sdtool.text import tokenize_chunks
-
         captions = [s["caption"] for s in samples]
-        ids, lengths = tokenize_chunks(self.tokenizer, captions, self.max_token_length)
+        ids, lengths = self.family.tokenize(self.tokenizers, captions, self.max_token_length)
         key = "latents" if "latents" in samples[0] else "pixels"
-        return {key: torch.stack([s[key] for s in samples]), "input_ids": ids, "lengths": lengths, "captions": captions}
+        batch = {
+            key: torch.stack([s[key] for s in samples]),
+            "input_ids": ids,
+            "lengths": lengths,
+            "captions": captions,
+            "time_ids": torch.tensor([s["time_ids"] for s in samples], dtype=torch.float32),
+        }
+        for cached in ("hidden", "pooled"):  # text-encoder outputs computed once (cache_text_encoder_outputs)
+            if cached in samples[0]:
+                batch[cached] = torch.stack([s[cached] for s in samples])
+        return batch

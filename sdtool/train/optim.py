@@ -105,3 +105,70 @@ def build_lr_scheduler(
         num_cycles=num_cycles,
         power=power,
     )
+
+
+def unet_param_groups(unet: Any, lr: float, block_lrs: list[float] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The U-Net's optimizer groups and their names: one group at `lr`, or kohya's per-block rates (`block_lr`).
+
+    With block rates, each weight goes to the block kohya's `sdxl_train.get_block_params_to_optimize` puts its LDM
+    name in (0 time/label embedding, 1-9 input blocks, 10-12 middle block, 13-21 output blocks, 22 out); a block
+    at rate 0 is frozen, as kohya leaves it out of the optimizer.
+    """
+    params = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+    if block_lrs is None:
+        return [{"params": [p for _, p in params], "lr": lr}], ["unet"]
+    from sdtool.models import ldm_keys
+
+    ldm_names = ldm_keys.unet_to_ldm({name: p for name, p in params}, unet.config)
+    blocks: list[list[Any]] = [[] for _ in block_lrs]
+    for ldm_name, param in ldm_names.items():
+        blocks[_kohya_block(ldm_name.removeprefix(ldm_keys.UNET_PREFIX))].append(param)
+    groups, names = [], []
+    for index, (rate, members) in enumerate(zip(block_lrs, blocks, strict=True)):
+        if rate == 0:
+            for param in members:
+                param.requires_grad_(False)
+        elif members:
+            groups.append({"params": members, "lr": rate})
+            names.append(f"block{index}")
+    return groups, names
+
+
+def _kohya_block(name: str) -> int:
+    if name.startswith(("time_embed.", "label_emb.")):
+        return 0
+    for prefix, first in (("input_blocks.", 1), ("middle_block.", 10), ("output_blocks.", 13)):
+        if name.startswith(prefix):
+            return first + int(name.split(".")[1])
+    if name.startswith("out."):
+        return 22
+    raise ValueError(f"U-Net weight {name} belongs to no block of kohya's block_lr")
+
+
+def fuse_backward(optimizer: Any, max_grad_norm: float) -> None:
+    """kohya's `fused_backward_pass`: each weight takes its optimizer step as soon as its gradient is complete,
+    then drops the gradient, so the model's gradients never exist all at once (SDXL on 24 GB with Adafactor).
+
+    PyTorch's own recipe (post-accumulate-grad hooks); each step runs the optimizer over that one weight with its
+    group's current settings (the schedule keeps changing the group's rate). Clipping is per weight, as in kohya:
+    a global norm would need every gradient at once. `optimizer` may be accelerate's wrapper.
+    """
+    import torch
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+
+    def step_one(param: Any, group: dict[str, Any]) -> None:
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
+        groups = inner.param_groups
+        inner.param_groups = [{**group, "params": [param]}]
+        try:
+            inner.step()
+        finally:
+            inner.param_groups = groups
+        param.grad = None
+
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(lambda p, g=group: step_one(p, g))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtool.console import info, print_table
+from sdtool.errors import ConfigError
 from sdtool.train.checkpoints import read_state
 from sdtool.train.config.schema import ResolvedConfig
 from sdtool.train.dataset import (
@@ -18,6 +19,7 @@ from sdtool.train.dataset import (
     TrainItem,
     drop_undecodable,
     load_items,
+    missing_original_sizes,
 )
 from sdtool.train.distributed import world_size
 
@@ -47,6 +49,10 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
     else:
         seed = random.SystemRandom().randrange(2**31)
     items, subsets = load_items(cfg.datasets)
+    if cfg.family is not None and cfg.family.needs_original_size:
+        problems = missing_original_sizes(items, subsets)
+        if problems:
+            raise ConfigError(problems, hint=f"fix {cfg.path}")
     if not t.cache_latents:
         items = drop_undecodable(items)  # the cache already skipped them; here a bad image would stop the run
     processes = world_size()

@@ -25,10 +25,9 @@ from sdtool.console import info, warn
 from sdtool.errors import ConfigError, NonFiniteError, SdtoolError
 from sdtool.runtime import usable_cpus
 from sdtool.train.checkpoints import check_resume_config, config_record, prune_after_save, read_state, write_state
+from sdtool.train.config.checks import block_lrs
 from sdtool.train.config.schema import ResolvedConfig
-from sdtool.train.dataset import (
-    sample_seed,
-)
+from sdtool.train.dataset import missing_original_sizes, sample_seed
 from sdtool.train.hypernetwork.training import sampling_mode
 from sdtool.train.outputs import EMA_FILE, model_path, save_stem, state_path
 from sdtool.train.plan import Plan
@@ -81,7 +80,13 @@ class FineTuneRecipe:
         from sdtool.train.dataset import Collate, TrainDataset, check_cache, training_vae_fingerprint
         from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
-        from sdtool.train.optim import build_lr_scheduler, build_optimizer, parse_optimizer_args
+        from sdtool.train.optim import (
+            build_lr_scheduler,
+            build_optimizer,
+            fuse_backward,
+            parse_optimizer_args,
+            unet_param_groups,
+        )
 
         quiet_third_party()
         t = self.t
@@ -107,25 +112,30 @@ class FineTuneRecipe:
 
         model = self._load_model()
         self.model = model
+        self.family = family = model.family
         self.weight_dtype = torch_dtype(t.mixed_precision)
         device = acc.device
 
-        # What trains: the U-Net (or a hypernetwork on the frozen U-Net), the text encoder on request. Frozen parts
+        # What trains: the U-Net (or a hypernetwork on the frozen U-Net), the text encoders on request. Frozen parts
         # run in the compute dtype. A frozen U-Net stays in train mode: it has no dropout or batch norm, so the
         # mode changes nothing but the flag, and sampling restores whatever flags it finds.
-        unet, te = model.unet, model.text_encoder
+        unet, encoders = model.unet, model.text_encoders
+        rates = self._text_encoder_rates()
         hyper = t.train_hypernetwork
         unet.requires_grad_(not hyper)
         unet.train()
-        te.requires_grad_(t.train_text_encoder)
-        te.train(t.train_text_encoder)
         full_dtype = self.weight_dtype if (t.full_fp16 or t.full_bf16) else torch.float32
         unet.to(device, dtype=self.weight_dtype if hyper else full_dtype)
-        te.to(device, dtype=full_dtype if t.train_text_encoder else self.weight_dtype)
+        for te, rate in zip(encoders, rates, strict=True):
+            te.requires_grad_(rate is not None)
+            te.train(rate is not None)
+            te.to(device, dtype=full_dtype if rate is not None else self.weight_dtype)
+        for module in family.unused_text_modules(encoders, t.clip_skip):
+            module.requires_grad_(False)  # outputs no conditioning reads (kohya freezes them too)
         if model.vae is not None:
             model.vae.requires_grad_(False)
             model.vae.eval()
-            model.vae.to(device, dtype=torch.float32 if t.no_half_vae else self.weight_dtype)
+            model.vae.to(device, dtype=torch.float32 if self._vae_in_fp32() else self.weight_dtype)
 
         self._set_attention(unet)
         if hyper:
@@ -133,23 +143,26 @@ class FineTuneRecipe:
 
             self.hypernetwork = attach_hypernetwork(t, unet, full_dtype)
             self.hypernetwork_start_step = self.hypernetwork.step  # a file continued from keeps counting its steps
+        trained_encoders = [te for te, rate in zip(encoders, rates, strict=True) if rate is not None]
         if t.gradient_checkpointing:
             # Only what is trained: checkpointing a frozen encoder costs compute and saves nothing (kohya does it).
             unet.enable_gradient_checkpointing()
-            if t.train_text_encoder:
+            for te in trained_encoders:
                 # transformers 5 renamed it and deprecates the old name; earlier 5.x releases have only the old one.
                 enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
                 enable()
 
-        lr_te = t.learning_rate_te if t.learning_rate_te is not None else t.learning_rate
-        groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": t.learning_rate}]
-        self.group_names = ["unet"]
         if self.hypernetwork is not None:
             groups = [{"params": list(self.hypernetwork.parameters()), "lr": t.learning_rate}]
             self.group_names = ["hypernetwork"]
-        if t.train_text_encoder:
-            groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": lr_te})
-            self.group_names.append("text_encoder")
+        else:
+            groups, self.group_names = unet_param_groups(
+                unet, t.learning_rate, block_lrs(t.block_lr, family.block_lr_blocks)
+            )
+        for part, te, rate in zip(family.text_parts, encoders, rates, strict=True):
+            if rate is not None:
+                groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": rate})
+                self.group_names.append(part.encoder)
         optimizer = build_optimizer(t.optimizer_type, groups, t.learning_rate, parse_optimizer_args(t.optimizer_args))
         self.lr_scheduler = build_lr_scheduler(
             t.lr_scheduler,
@@ -160,29 +173,36 @@ class FineTuneRecipe:
             power=t.lr_scheduler_power,
         )
 
-        dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached)
+        text_outputs = self._cache_text_outputs(encoders) if t.cache_text_encoder_outputs else None
+        dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached, text_outputs)
         workers = min(t.max_data_loader_n_workers, usable_cpus())
-        collate = Collate(model.tokenizer, t.max_token_length)
+        collate = Collate(family, model.tokenizers, t.max_token_length)
         persistent = t.persistent_data_loader_workers and workers > 0
         # Each rank's slice of every global batch (not accelerate's round-robin sharding): see distributed.py.
         self.loader = make_loader(
             dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", ignore_sigint
         )
-        prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), t.train_text_encoder)
+        prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), bool(trained_encoders))
+        denoiser = unet
         if self.hypernetwork is not None:
             from sdtool.train.hypernetwork.training import HypernetworkDenoiser
 
             # self.unet is what the loss calls: the frozen U-Net through the wrapper DDP and the states see.
-            self.unet, self.optimizer = acc.prepare(HypernetworkDenoiser(unet, self.hypernetwork), optimizer)
-            self.text_encoder = te
-        elif t.train_text_encoder:
-            self.unet, self.text_encoder, self.optimizer = acc.prepare(unet, te, optimizer)
-        else:
-            self.unet, self.optimizer = acc.prepare(unet, optimizer)
-            self.text_encoder = te
+            denoiser = HypernetworkDenoiser(unet, self.hypernetwork)
+        self.unet, *prepared, self.optimizer = acc.prepare(denoiser, *trained_encoders, optimizer)
+        swap = dict(zip(map(id, trained_encoders), prepared, strict=True))
+        self.text_encoders = [swap.get(id(te), te) for te in encoders]  # the prepared ones where they train
+        self.train_text = bool(trained_encoders)
         if t.full_fp16:
             _allow_fp16_grads(acc)
-        self.trained = [self.unet, self.text_encoder] if t.train_text_encoder else [self.unet]
+        if t.fused_backward_pass:
+            if acc.num_processes > 1:
+                raise ConfigError(
+                    "fused_backward_pass steps each weight before the processes have averaged its gradient",
+                    hint="train on one process, or remove fused_backward_pass",
+                )
+            fuse_backward(self.optimizer, t.max_grad_norm)
+        self.trained = [self.unet, *prepared]
         self.unet_dtype = next(acc.unwrap_model(self.unet).parameters()).dtype  # DeepSpeed may have cast it
         if self.hypernetwork is not None:
             self.unet_dtype = next(unet.parameters()).dtype
@@ -216,6 +236,56 @@ class FineTuneRecipe:
         if t.log_with is not None:
             init_trackers(acc, self.cfg)
 
+    def _cache_text_outputs(self, encoders: list[Any]) -> Any:
+        """Encode every caption once before the first step (kohya's cache_text_encoder_outputs): into memory, or into
+        each subset's `<META stem>.text/` folder with cache_text_encoder_outputs_to_disk (entries already there, from
+        an earlier run or `sdtool cache --text-encoder-outputs`, are used as they are)."""
+        from sdtool.cache.text_outputs import TextSettings, encode_missing, text_cache_dir, text_encoders_fingerprint
+        from sdtool.console import progress_bar
+        from sdtool.train.dataset import TextOutputs, item_caption
+
+        t, acc = self.t, self.accelerator
+        settings = TextSettings(self.family.name, text_encoders_fingerprint(encoders), t.max_token_length, t.clip_skip)
+        texts: dict[Path, list[str]] = {}
+        for item in self.plan.items:
+            sub = self.plan.subsets[item.subset]
+            texts.setdefault(sub.metadata_file, []).append(item_caption(item, sub))
+        store: dict[str, dict[str, Any]] = {}
+        to_disk = t.cache_text_encoder_outputs_to_disk
+        total = sum(len(set(v)) for v in texts.values())
+        encoded = 0
+        with progress_bar("text-encoder outputs", total) as advance:
+            for metadata_file, captions in texts.items():
+                if to_disk and not acc.is_main_process:
+                    continue  # rank 0 writes the files; the others read them after the barrier below
+                folder = text_cache_dir(metadata_file) if to_disk else None
+                encoded += encode_missing(
+                    captions,
+                    self.family,
+                    self.model.tokenizers,
+                    encoders,
+                    settings,
+                    store=None if to_disk else store,
+                    cache_dir=folder,
+                    advance=advance,
+                )
+        acc.wait_for_everyone()
+        info(f"text-encoder outputs: {total} captions, {encoded} encoded" + (" to disk" if to_disk else ""))
+        for te in encoders:  # no longer needed on the device: sampling moves them back while it runs
+            te.to("cpu")
+        return TextOutputs(settings, store, to_disk)
+
+    def _text_encoder_rates(self) -> list[float | None]:
+        """The learning rate of each text encoder (None: frozen): `train_text_encoder` with the family's rate keys
+        (kohya's learning_rate_te, or learning_rate_te1/te2 for SDXL), the U-Net's rate when unset; 0 freezes one."""
+        t = self.t
+        rates: list[float | None] = []
+        for part in self.family.text_parts:
+            rate = getattr(t, part.lr_key)
+            rate = (t.learning_rate if rate is None else rate) if t.train_text_encoder else None
+            rates.append(None if rate == 0 else rate)
+        return rates
+
     def _load_model(self) -> Any:
         from sdtool.models.loading import load_model, load_vae
 
@@ -237,7 +307,26 @@ class FineTuneRecipe:
         if t.vae is not None:
             model.vae = load_vae(t.vae)
         info(f"model {model.source}: {model.family.title}, {model.prediction_type} prediction")
+        if self.cfg.family is None:  # a hub id or a pickled file: its family was not known before it loaded
+            from sdtool.train.config.checks import check_family
+
+            problems: list[str] = []
+            check_family(t, model.family, self.cfg.datasets, problems)
+            if model.family.needs_original_size:
+                problems += missing_original_sizes(self.plan.items, self.plan.subsets)
+            if problems:
+                raise ConfigError(problems, hint=f"fix {self.cfg.path}")
         return model
+
+    def _vae_in_fp32(self) -> bool:
+        """no_half_vae, or an fp16 run of a family whose VAE overflows in fp16 (SDXL) unless the VAE is a fixed one."""
+        if self.t.no_half_vae:
+            return True
+        import torch
+
+        vae = self.model.vae
+        fixed = vae is not None and getattr(vae.config, "force_upcast", True) is False
+        return self.weight_dtype == torch.float16 and self.family.vae_overflows_in_fp16 and not fixed
 
     def _scaling_factor(self) -> float:
         if self.model.vae is not None:
@@ -263,7 +352,8 @@ class FineTuneRecipe:
         """One micro-batch: latents → noise → U-Net → loss. Returns (loss, the global batch's timesteps)."""
         import torch
 
-        from sdtool.text import default_reporter, encode_chunks
+        from sdtool.models.families.base import TextConditioning
+        from sdtool.text import default_reporter
         from sdtool.train.distributed import noisy_inputs, sample_posterior
 
         shard = batch["shard"]  # this rank's rows of the global batch
@@ -279,9 +369,13 @@ class FineTuneRecipe:
             latents = latents.float() * self.scaling_factor
         noisy, timesteps, target, all_timesteps = noisy_inputs(self.objective, latents, generator, shard)
         with self.accelerator.autocast():
-            with torch.set_grad_enabled(self.t.train_text_encoder):
-                states = encode_chunks(self.text_encoder, batch["input_ids"], self.t.clip_skip)
-            pred = self.unet(noisy.to(self.unet_dtype), timesteps, states.to(self.unet_dtype)).sample
+            if "hidden" in batch:  # computed once before the first step (cache_text_encoder_outputs)
+                conditioning = TextConditioning(batch["hidden"], batch.get("pooled"))
+            else:
+                with torch.set_grad_enabled(self.train_text):
+                    conditioning = self.family.encode_ids(self.text_encoders, batch["input_ids"], self.t.clip_skip)
+            inputs = self.family.unet_inputs(conditioning.to(self.unet_dtype), batch["time_ids"])
+            pred = self.unet(noisy.to(self.unet_dtype), timesteps, **inputs).sample
         # Weighted so that DDP's mean over ranks is the mean over the global batch (1.0 on one process).
         return self.objective.loss(pred, target, timesteps) * shard.weight, all_timesteps
 
@@ -300,10 +394,12 @@ class FineTuneRecipe:
                     gen = step_generator(state.seed, state.global_step, micro, acc.device)
                     with acc.accumulate(*self.trained):
                         loss, timesteps = self.compute_loss(batch, gen)
-                        acc.backward(loss)
-                        grad_norm = self._clip_and_measure() if acc.sync_gradients else None
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                        acc.backward(loss)  # with fused_backward_pass every weight has taken its step here
+                        grad_norm = None
+                        if not self.t.fused_backward_pass:
+                            grad_norm = self._clip_and_measure() if acc.sync_gradients else None
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
                     state.batch_in_epoch += 1
                     micro += 1
                     loss_sum = loss_sum + acc.reduce(loss.detach(), "mean")  # the global batch's loss
@@ -448,18 +544,24 @@ class FineTuneRecipe:
         with self._weights_for_output():
             # Every rank takes part: FSDP and ZeRO-3 gather the full weights collectively.
             unet = full_weights(acc, self.unet)
-            text_encoder = full_weights(acc, self.text_encoder) if self.t.train_text_encoder else self.text_encoder
+            trained = [full_weights(acc, m) for m in self.trained[1:]]  # the text encoders that train
             if not acc.is_main_process:
                 return None
             model = self.model
+            swap = dict(zip(map(id, self.trained[1:]), trained, strict=True))
+            t_ztsnr = self.t.zero_terminal_snr
+            text_parts: dict[str, Any] = {}
+            for part, te in zip(self.family.text_parts, self.text_encoders, strict=True):
+                text_parts[part.encoder] = acc.unwrap_model(swap.get(id(te), te))
+                text_parts[part.tokenizer] = getattr(model, part.tokenizer)
             out = save_trained_model(
                 path,
                 self.t.save_model_as,
                 unet=unet,
-                text_encoder=acc.unwrap_model(text_encoder),
+                text_parts=text_parts,
                 vae=model.vae if model.vae is not None else self._load_vae_for_saving(),
-                tokenizer=model.tokenizer,
-                scheduler_config=model.scheduler_config,
+                # A model trained with zero_terminal_snr is sampled with that schedule: its files say so.
+                scheduler_config={**model.scheduler_config, **({"rescale_betas_zero_snr": True} if t_ztsnr else {})},
                 family=model.family,
                 v_prediction=model.v_prediction,
                 precision=self.t.save_precision,
@@ -578,8 +680,6 @@ class FineTuneRecipe:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
-        from sdtool.text import encode_prompts
-
         self._flush()
         model = self.model
         vae = model.vae if model.vae is not None else self._sampling_vae()
@@ -587,11 +687,12 @@ class FineTuneRecipe:
             paths = generate_samples(
                 model.unet if self.hypernetwork is not None else acc.unwrap_model(self.unet),
                 vae,
-                acc.unwrap_model(self.text_encoder),
-                model.tokenizer,
+                [acc.unwrap_model(te) for te in self.text_encoders],
+                model.tokenizers,
                 model.scheduler_config,
                 self.sample_prompts,
-                encode_prompts=encode_prompts,
+                encode_prompts=self.family.encode_prompts,
+                family=self.family,
                 out_dir=Path(t.output_dir) / "sample",
                 step=step,
                 epoch=epoch,
@@ -620,7 +721,8 @@ class FineTuneRecipe:
         """Save the final model (rank 0 only), the train-end state if asked for, and close what setup opened."""
         from sdtool.train.distributed import write_rank_digest
 
-        write_rank_digest(self.accelerator, {"unet": self.unet, "text_encoder": self.text_encoder})
+        parts = {part.encoder: te for part, te in zip(self.family.text_parts, self.text_encoders, strict=True)}
+        write_rank_digest(self.accelerator, {"unet": self.unet, **parts})
         out = self.save_model(self.cfg.output_path)
         if self.t.save_state or self.t.save_state_on_train_end:
             self.save_state(state_path(self.t, self.t.output_name))

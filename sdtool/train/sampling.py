@@ -173,6 +173,7 @@ def generate_samples(
     clip_skip: int | None = None,
     name_prefix: str | None = None,
     epoch_end: bool = False,
+    family: Any = None,
 ) -> list[Path]:
     """Render one PNG per prompt and a grid into `out_dir`; returns the image paths in prompt order, then the grid.
 
@@ -180,9 +181,15 @@ def generate_samples(
 
     Training state is untouched: RNG states, train/eval flags and devices are restored, weights are only read.
     `dtype` is the autocast precision (float32 = none); `epoch_end=True` names files `e<epoch:06d>` like kohya.
+    `text_encoder` / `tokenizer` may be lists (a family with several, e.g. SDXL), handed to `encode_prompts` as
+    they are; it returns hidden states, or a `TextConditioning` whose pooled embedding goes to an SDXL pipeline
+    (the `family`'s pipeline class, SD1's when None), whose size conditioning is then the sample's own size with no
+    crop (as kohya samples).
     """
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    from sdtool.models.families.base import TextConditioning
 
     default_sampler = check_sampler(default_sampler)
     if not 1 <= default_steps <= MAX_STEPS:
@@ -196,31 +203,37 @@ def generate_samples(
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
 
     images = []
-    with preserved_rng_state(), torch.no_grad(), _inference_mode_for([unet, vae, text_encoder], device):
+    encoders = text_encoder if isinstance(text_encoder, list) else [text_encoder]
+    with preserved_rng_state(), torch.no_grad(), _inference_mode_for([unet, vae, *encoders], device):
         # No text encoder or tokenizer in the pipeline: prompts arrive as embeddings, which it then casts to the
         # U-Net's dtype, so a U-Net kept in a different precision from the text encoder still works.
-        pipe: Any = StableDiffusionPipeline(  # Any: diffusers' dynamic attributes are invisible to mypy
-            vae=vae,
-            text_encoder=None,
-            tokenizer=None,
-            unet=unet,
-            scheduler=build_scheduler(default_sampler, scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        if family is None:
+            from sdtool.models.families.sd1 import SD1 as family
+        parts: dict[str, Any] = {"scheduler": build_scheduler(default_sampler, scheduler_config)}
+        for part in family.text_parts:
+            parts.update({part.encoder: None, part.tokenizer: None})
+        # Any: diffusers' dynamic attributes are invisible to mypy
+        pipe: Any = getattr(diffusers, family.pipeline_class)(vae=vae, unet=unet, **parts, **family.pipeline_options)
         pipe.set_progress_bar_config(disable=True)
         for s in settings:
             pipe.scheduler = build_scheduler(s["sampler"], scheduler_config)
             with autocast:
-                embeds = encode_prompts(
+                encoded = encode_prompts(
                     tokenizer, text_encoder, [s["prompt"], s["negative_prompt"]], max_token_length, clip_skip
-                ).to(device)
+                )
+                embeds = (encoded if isinstance(encoded, TextConditioning) else TextConditioning(encoded)).to(device)
+                pooled = {}
+                if embeds.pooled is not None:
+                    pooled = {
+                        "pooled_prompt_embeds": embeds.pooled[:1],
+                        "negative_pooled_prompt_embeds": embeds.pooled[1:],
+                    }
                 # A CPU generator gives the same start noise for a seed on any device.
                 generator = torch.Generator("cpu").manual_seed(s["seed"])
                 latents = pipe(
-                    prompt_embeds=embeds[:1],
-                    negative_prompt_embeds=embeds[1:],
+                    prompt_embeds=embeds.hidden[:1],
+                    negative_prompt_embeds=embeds.hidden[1:],
+                    **pooled,
                     width=s["width"],
                     height=s["height"],
                     num_inference_steps=s["steps"],

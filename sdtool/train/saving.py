@@ -19,16 +19,19 @@ def save_trained_model(
     fmt: str,
     *,
     unet: Any,
-    text_encoder: Any,
+    text_parts: dict[str, Any],
     vae: Any,
-    tokenizer: Any,
     scheduler_config: dict[str, Any],
     family: ModelFamily,
     v_prediction: bool,
     precision: str | None,
     metadata: dict[str, str],
 ) -> Path:
-    """Write the model as `fmt` (safetensors, ckpt, diffusers, diffusers_safetensors) at `path`, atomically."""
+    """Write the model as `fmt` (safetensors, ckpt, diffusers, diffusers_safetensors) at `path`, atomically.
+
+    `text_parts` holds the family's text encoders and tokenizers by SDModel attribute (text_encoder, tokenizer,
+    and text_encoder_2, tokenizer_2 for SDXL).
+    """
     from sdtool.models.loading import SDModel
     from sdtool.models.saving import save_diffusers, save_single_file
     from sdtool.runtime import torch_dtype
@@ -40,9 +43,8 @@ def save_trained_model(
         v_prediction=v_prediction,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
         scheduler_config=scheduler_config,
+        **text_parts,
     )
     if fmt.startswith("diffusers"):
         training = json.dumps(metadata, ensure_ascii=False, indent=2) + "\n"

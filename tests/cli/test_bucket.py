@@ -382,3 +382,17 @@ def test_workers_do_not_change_the_result(cli, dataset, tmp_path):
     cli("bucket", dataset, "-o", tmp_path / "a.json", "--workers", "0")
     cli("bucket", dataset, "-o", tmp_path / "b.json", "--workers", "8")
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+
+
+def test_sdxl_defaults_and_explicit_options_win(cli, tmp_path):
+    from tests.imagegen import save_rgb
+
+    save_rgb(tmp_path / "a.png", 2000, 1000)
+    out = tmp_path / "m.json"
+    result = cli("bucket", tmp_path, "-o", out, "--sdxl", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "buckets for 1024x1024, sides 512–2048" in result.stderr
+    (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["bucket"] == [1408, 704]  # kohya's bucket for 2:1 at 1024², 64-step sides up to 2048
+    again = cli("bucket", tmp_path, "-o", out, "--sdxl", "--max-bucket-reso", "1024", "--overwrite")
+    assert again.exit_code == 0 and "sides 512–1024" in again.stderr

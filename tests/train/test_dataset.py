@@ -109,3 +109,16 @@ def test_samples_depend_on_position_not_on_order(tmp_path, tiny_v1):
     for a, b in zip(first, again, strict=True):
         assert a["caption"] == b["caption"] and a["pixels"].equal(b["pixels"])
     assert first[0]["pixels"].shape[0] == 3 and first[0]["pixels"].abs().max() <= 1
+
+
+def test_sdxl_size_conditioning_is_original_crop_and_target_with_the_crop_mirrored_on_flip(tmp_path):
+    """(orig h, orig w, crop top, crop left, target h, target w), SGM's order; the crop is where the bucket sits in
+    the resized image, and a flipped image's left edge is resized_w - crop_right (as kohya mirrors it)."""
+    from sdtool.bucket.algorithm import BucketSettings, select_bucket
+    from sdtool.train.dataset import TrainItem, size_conditioning
+
+    a = select_bucket(1920, 1080, BucketSettings(resolution=(512, 512)))  # §E: (640, 384), resized 683x384
+    item = TrainItem(tmp_path / "a.png", "", a.bucket, a.resized, a.crop, (1920, 1080), 0, 0)
+    assert a.crop == (21, 0, 661, 384)
+    assert size_conditioning(item, flipped=False) == [1080, 1920, 0, 21, 384, 640]
+    assert size_conditioning(item, flipped=True) == [1080, 1920, 0, 683 - 661, 384, 640]

@@ -414,3 +414,56 @@ def test_cuda_sampling_moves_models_back_and_keeps_cuda_rng(model_v1, tmp_path):
     assert len(paths) == 2
     assert all(next(model.parameters()).device.type == "cpu" for model in (m.unet, m.vae, m.text_encoder))
     assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), cuda_state, strict=True))
+
+
+@pytest.mark.slow
+def test_sdxl_samples_match_the_diffusers_sdxl_pipeline(tiny_sdxl, tmp_path):
+    """Oracle: diffusers' StableDiffusionXLPipeline with its own prompt encoding (penultimate states of both
+    encoders, the projected pooled embedding, size conditioning (h, w, 0, 0, h, w)) and the same seeded generator."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtool.models.families.sdxl import SDXL
+    from sdtool.models.loading import load_model
+
+    m = load_model(tiny_sdxl)
+    paths = generate_samples(
+        m.unet,
+        m.vae,
+        m.text_encoders,
+        m.tokenizers,
+        m.scheduler_config,
+        ["a photo of a cat --d 11 --l 5 --s 2 --w 64 --h 96"],
+        encode_prompts=SDXL.encode_prompts,
+        family=SDXL,
+        out_dir=tmp_path,
+        step=1,
+        epoch=1,
+        device="cpu",
+        dtype=torch.float32,
+    )
+    for model in (m.unet, m.vae, m.text_encoder, m.text_encoder_2):
+        model.eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=m.vae,
+        text_encoder=m.text_encoder,
+        text_encoder_2=m.text_encoder_2,
+        tokenizer=m.tokenizer,
+        tokenizer_2=m.tokenizer_2,
+        unet=m.unet,
+        scheduler=build_scheduler("ddim", m.scheduler_config),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        "a photo of a cat",
+        negative_prompt="",
+        height=96,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(11),
+        output_type="pil",
+    ).images[0]
+    assert np.array_equal(_pixels(paths[0]), np.asarray(expected))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from sdtool.models import ldm_keys
-from sdtool.models.families.base import ModelFamily
+from sdtool.models.families.base import ModelFamily, TextPart
 
 CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_TEXT_PREFIX = CLIP_PREFIX + "text_model."
@@ -18,7 +18,11 @@ class SD1Family(ModelFamily):
     title = "SD v1"
     text_encoder_prefixes = (CLIP_PREFIX,)
     linear_projection = False
-    default_tokenizer = ("openai/clip-vit-large-patch14", None)
+    text_parts = (
+        TextPart(
+            "text_encoder", "tokenizer", "CLIPTextModel", ("openai/clip-vit-large-patch14", None), "learning_rate_te"
+        ),
+    )
     architectures: ClassVar[dict[bool, str]] = {
         False: "stable-diffusion-v1",
         True: "stable-diffusion-v1",
@@ -26,8 +30,9 @@ class SD1Family(ModelFamily):
     config_names: ClassVar[dict[bool, str]] = {False: "sd15", True: "sd15"}
     resolutions: ClassVar[dict[bool, int]] = {False: 512, True: 512}
 
-    def text_encoder_to_ldm(self, state_dict: Mapping[str, Any], extras: Mapping[str, Any] | None) -> dict[str, Any]:
-        return clip_to_ldm(state_dict)
+    def text_encoders_to_ldm(self, encoders: Mapping[str, Any], extras: Mapping[str, Any] | None) -> dict[str, Any]:
+        encoder = encoders.get("text_encoder")
+        return clip_to_ldm(encoder.state_dict()) if encoder is not None else {}
 
 
 SD1 = SD1Family()

@@ -19,7 +19,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sdtool.errors import ConfigError
-from sdtool.train.config.checks import check_train
+from sdtool.models.families.base import ModelFamily
+from sdtool.train.config.checks import check_family, check_train
 from sdtool.train.config.datasets import read_dataset_tables, resolve_datasets
 from sdtool.train.config.files import check_keys, flatten, format_validation, parse_override, read_toml
 from sdtool.train.config.schema import TOP_KEYS, ResolvedConfig, TrainConfig
@@ -47,11 +48,24 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Resolve
         format_validation(exc, "", problems)
         train = None
 
+    family = _model_family(flat.get("pretrained_model_name_or_path"), base)
     dataset_tables = read_dataset_tables(flat, tables, base, problems)
-    specs = resolve_datasets(dataset_tables, flat, base, problems)
+    defaults = family.dataset_defaults if family is not None else {}
+    specs = resolve_datasets(dataset_tables, flat, base, problems, defaults)
     if train is not None:
         check_train(train, base, problems)
+        check_family(train, family, specs, problems)
     if problems:
         raise ConfigError(problems, hint=f"fix {path}")
     assert train is not None
-    return ResolvedConfig(train=train, datasets=specs, path=path, dataset_tables=dataset_tables)
+    return ResolvedConfig(train=train, datasets=specs, path=path, dataset_tables=dataset_tables, family=family)
+
+
+def _model_family(source: object, base: Path) -> ModelFamily | None:
+    """The model's family from its small files, when it is local (hub ids and .ckpt files: known after loading)."""
+    from sdtool.models.families import detect_source
+    from sdtool.train.config.files import resolve_path
+
+    if not isinstance(source, str):
+        return None
+    return detect_source(resolve_path(source, base))

@@ -4,6 +4,7 @@ each key resolved subset → dataset → general → top-level key → default (
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,14 @@ def read_dataset_tables(
 
 
 def resolve_datasets(
-    tables: dict[str, Any], flat: dict[str, Any], base: Path, problems: list[str]
+    tables: dict[str, Any],
+    flat: dict[str, Any],
+    base: Path,
+    problems: list[str],
+    defaults: Mapping[str, Any] | None = None,
 ) -> list[DatasetSpec]:
+    """Every dataset with its keys resolved; `defaults` (the model family's, e.g. SDXL's 1024²) go before sdtool's."""
+    fallbacks = {**DATASET_DEFAULTS, **(defaults or {})}
     general = tables.get("general", {})
     datasets = tables.get("datasets", [])
     if not isinstance(general, dict):
@@ -97,7 +104,7 @@ def resolve_datasets(
             for level in levels:
                 if level.get(key) is not None:
                     return level[key]
-            return DATASET_DEFAULTS[key]
+            return fallbacks[key]
 
         levels = (ds_keys, general, fallback)
         spec = DatasetSpec(

@@ -63,7 +63,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "alpha_mask": "kohya's fine_tune.py never applies a masked loss; not implemented",
     "fp8_base": "not implemented (kohya's fine_tune.py ignores it too)",
     "v_pred_like_loss": "ignored by kohya's fine_tune.py; not implemented",
-    "fused_backward_pass": "not implemented (kohya's fine_tune.py only asserts it)",
     "diffusers_xformers": "a no-op in kohya that disables attention replacement; use xformers = true",
     "lowram": "not implemented",
     "highvram": "not implemented",

@@ -164,12 +164,20 @@ class TrainConfig(CaptionOptions, BucketOptions):
     clip_skip: int | None = Field(None, ge=1)
     train_text_encoder: bool = False
     learning_rate_te: float | None = Field(None, ge=0)
+    # SDXL (kohya's sdxl_train.py): a rate per text encoder (0 keeps it frozen), per-block U-Net rates, and the
+    # text encoders' outputs computed once instead of every step
+    learning_rate_te1: float | None = Field(None, ge=0)
+    learning_rate_te2: float | None = Field(None, ge=0)
+    block_lr: str | list[float] | None = None
+    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool = False
     # precision, memory, attention
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     full_fp16: bool = False
     full_bf16: bool = False
     no_half_vae: bool = False
     gradient_checkpointing: bool = False
+    fused_backward_pass: bool = False  # Adafactor steps each weight as its gradient arrives (kohya's SDXL option)
     gradient_accumulation_steps: int = Field(1, ge=1)
     sdpa: bool = False
     xformers: bool = False
@@ -242,11 +250,10 @@ class TrainConfig(CaptionOptions, BucketOptions):
     wandb_run_name: str | None = None
 
     @property
-    def model_type(self) -> Literal["auto", "v1", "v2"]:
-        """kohya's `v2` key as a model family name for the loader ("auto": detect it from the model)."""
-        if self.v2 is None:
-            return "auto"
-        return "v2" if self.v2 else "v1"
+    def model_type(self) -> Literal["auto", "v2"]:
+        """kohya's `v2` key for the loader: "v2" when set, else detect the family (`v2 = false` rules out SD2 only,
+        which `check_family` checks against the detected family)."""
+        return "v2" if self.v2 else "auto"
 
 
 TOP_KEYS = set(TrainConfig.model_fields)
@@ -286,6 +293,7 @@ class ResolvedConfig:
     datasets: list[DatasetSpec]
     path: Path
     dataset_tables: dict[str, Any]
+    family: Any = None  # the model's ModelFamily when its small files told it (local models), else None
 
     @property
     def output_path(self) -> Path:

@@ -81,3 +81,8 @@ def process_caption(text: str, rules: CaptionRules, rng: random.Random, epoch: i
     if rules.secondary_separator:
         joined = joined.replace(rules.secondary_separator, rules.joiner)
     return joined
+
+
+def fixed_caption(text: str, rules: CaptionRules) -> str:
+    """The caption a text always becomes when nothing random applies (what text-encoder outputs are cached for)."""
+    return process_caption(text, rules, random.Random(0), 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from sdtool.train.captions import CaptionRules, assemble_caption, process_caption
+from sdtool.captions import CaptionRules, assemble_caption, process_caption
 
 
 def run(text: str, seed: int = 0, epoch: int = 1, **rules) -> str:
