@@ -331,4 +331,5 @@ def test_v_prediction_sdxl_with_ztsnr_min_snr_noise_offset_and_ema(cli, tmp_path
     out = tmp_path / "v" / "xl.safetensors"
     with safe_open(out, "pt") as f:
         assert f.metadata()["modelspec.prediction_type"] == "v"
-        assert "v_pred" in f.keys() and "ztsnr" in f.keys()  # ComfyUI's markers for v-prediction and ZTSNR
+        keys = set(f.keys())
+        assert "v_pred" in keys and "ztsnr" in keys  # ComfyUI's markers for v-prediction and ZTSNR
