@@ -238,9 +238,11 @@ def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> No
         if cfg.save_model_as == "pt":
             problems.append("save_model_as: 'pt' is the hypernetwork file format; it needs train_hypernetwork = true")
         return
+    from sdtool.console import warn
     from sdtool.errors import SdtoolError
     from sdtool.train.hypernetwork.network import Hypernetwork
     from sdtool.train.hypernetwork.options import options_problems
+    from sdtool.train.hypernetwork.structure import portability_warning
     from sdtool.train.hypernetwork.training import options_from
 
     if cfg.train_text_encoder:
@@ -270,21 +272,24 @@ def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> No
     except ValidationError as exc:
         format_validation(exc, "", problems)
         return
-    if options.hypernetwork_weights is None:
-        return
-    try:
-        loaded = Hypernetwork.load(options.hypernetwork_weights)
-    except SdtoolError as exc:
-        problems.append(f"hypernetwork_weights: {exc.one_line()}")
-        return
-    contradictions = options_problems(loaded, options)
-    problems.extend(contradictions)
-    if not contradictions:
+    if options.hypernetwork_weights is not None:
+        try:
+            loaded = Hypernetwork.load(options.hypernetwork_weights)
+        except SdtoolError as exc:
+            problems.append(f"hypernetwork_weights: {exc.one_line()}")
+            return
+        contradictions = options_problems(loaded, options)
+        problems.extend(contradictions)
+        if contradictions:
+            return
         # The file's structure wins; the resolved config (--print-config, the state's record) says what it is.
         cfg.hypernetwork_layer_structure = [float(x) for x in loaded.layer_structure]
         cfg.hypernetwork_activation = loaded.activation or "linear"
         cfg.hypernetwork_layer_norm = loaded.layer_norm
         cfg.hypernetwork_dropout = list(loaded.dropout_structure)
+    portability = portability_warning(cfg.hypernetwork_activation)
+    if portability:
+        warn(portability)
 
 
 def _check_samples(cfg: TrainConfig, prompts: Path, problems: list[str]) -> None:
