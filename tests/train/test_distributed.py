@@ -230,6 +230,7 @@ def test_kohya_deepspeed_keys_point_to_the_accelerate_config(cli, tmp_path):
     text = config_text(
         model=tmp_path, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
     )
-    result = cli("train", write_config(tmp_path / "c.toml", text), "--set", "zero_stage=2", "--dry-run")
+    config = write_config(tmp_path / "c.toml", text)
+    result = cli("train", config, "--set", "deepspeed=true", "--set", "zero_stage=3", "--dry-run")
     assert result.exit_code == 2
-    assert "zero_stage" in result.stderr and "--accelerate-config" in result.stderr
+    assert "zero_stage" in result.stderr and "deepspeed" in result.stderr and "--accelerate-config" in result.stderr

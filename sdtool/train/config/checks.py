@@ -48,6 +48,8 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     _check_long_run(cfg, base, problems)
     _check_model_flags(cfg, problems)
 
+    if cfg.optimizer_type == "":
+        cfg.optimizer_type = "AdamW"  # kohya's parser default "" means AdamW (or the legacy flags below)
     if cfg.use_8bit_adam or cfg.use_lion_optimizer:
         legacy = "AdamW8bit" if cfg.use_8bit_adam else "Lion"
         if cfg.use_8bit_adam and cfg.use_lion_optimizer:
@@ -109,8 +111,12 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         )
     if cfg.huber_schedule != "snr" and cfg.loss_type not in ("huber", "smooth_l1"):
         problems.append("huber_schedule: only used with loss_type huber or smooth_l1; remove it or set loss_type")
-    if not cfg.cache_latents and cfg.cache_latents_to_disk:
-        problems.append("cache_latents_to_disk: contradicts cache_latents = false; remove cache_latents_to_disk")
+    if cfg.cache_latents_to_disk:
+        if "cache_latents" in cfg.model_fields_set and not cfg.cache_latents:
+            problems.append("cache_latents_to_disk: contradicts cache_latents = false; remove one of the two")
+        cfg.cache_latents = True  # as kohya: caching to disk is caching
+    if cfg.vae_batch_size != 1 and not cfg.cache_latents:
+        problems.append("vae_batch_size: only used by cache_latents (the VAE batch that encodes before training)")
 
 
 def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
