@@ -44,8 +44,9 @@ def encode_missing_latents(cfg: ResolvedConfig, plan: Plan) -> LatentMemory:
     memory: LatentMemory = {}
     where = "the cache folder beside each metadata file" if to_disk else "memory, for this run"
     info(f"cache_latents: {len(plan.to_encode)} images have no usable cached latents; encoding them into {where}")
-    # To disk, the processes share the work through a process group of their own (left before accelerate starts
-    # its own); in memory, each process encodes everything by itself and needs no group.
+    # To disk, the processes share the work through accelerate's process group, which is up by now (a group of
+    # their own, torn down before accelerate's, would leave stale rendezvous keys in the launcher's store); in
+    # memory, each process encodes everything by itself and needs no collective.
     ranks = Ranks.start() if to_disk else Ranks(process_rank(), world_size(), local_rank())
     with ranks:
         device = resolve_device(ranks.device("auto"))
@@ -80,6 +81,8 @@ def encode_missing_latents(cfg: ResolvedConfig, plan: Plan) -> LatentMemory:
             nonfinite += summary.nonfinite
             memory.update({(s, path): latents for path, latents in (kept or {}).items()})
         del vae_module
+        if to_disk:
+            ranks.barrier()  # every rank's entries are on disk before any rank checks them
     if nonfinite and ranks.main:
         raise NonFiniteError(
             f"the VAE produced NaN/inf latents for {nonfinite} image(s), named above",

@@ -86,12 +86,6 @@ class FineTuneRecipe:
         quiet_third_party()
         t = self.t
         self.cached = t.cache_latents
-        memory: dict[Any, Any] = {}
-        if self.cached and self.plan.to_encode:
-            # Before accelerate starts: the encoding shares work through a process group of its own (latent_cache.py).
-            from sdtool.train.latent_cache import encode_missing_latents
-
-            memory = encode_missing_latents(self.cfg, self.plan)
         torch.manual_seed(self.plan.seed)
         self.accelerator = acc = Accelerator(
             mixed_precision=t.mixed_precision,
@@ -107,6 +101,12 @@ class FineTuneRecipe:
             from sdtool.train.hypernetwork.training import check_backend
 
             check_backend(acc)
+        memory: dict[Any, Any] = {}
+        if self.cached and self.plan.to_encode:
+            # Under several processes the encoding shares accelerate's process group (latent_cache.py).
+            from sdtool.train.latent_cache import encode_missing_latents
+
+            memory = encode_missing_latents(self.cfg, self.plan)
         if self.cached:
             check_cache(self.plan.items, self.plan.subsets, self.plan.vae_fingerprint, memory)
 
