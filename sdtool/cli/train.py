@@ -88,6 +88,12 @@ def command(
             where = "to the cache folder" if cfg.train.cache_latents_to_disk else "in memory"
             n = len(plan.to_encode)
             info(f"cached latents: {len(plan.items) - n} ok, {n} to encode {where} before the first step")
+            from rich.markup import escape
+
+            from sdtool.console import debug
+
+            for item, why in plan.to_encode:
+                debug(escape(f"  to encode: {item.image} ({why})"))
         memory = estimate_memory(cfg)
         info("memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
         info("dry run: nothing trained")
