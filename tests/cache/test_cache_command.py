@@ -329,6 +329,7 @@ def test_an_interrupted_run_resumes(cli, tiny_v1, tmp_path):
 
 
 def test_kohya_names_that_collide_are_skipped_not_overwritten(cli, tiny_v1, tmp_path):
+    pytest.importorskip("cv2")  # kohya's resize rule uses OpenCV (a dependency; a venv older than it lacks it)
     images = [("a.png", (64, 64), (64, 64)), ("a.jpg", (64, 64), (64, 64))]
     meta_path = make_dataset(tmp_path, images=images, relative=False)
     args = ("cache", meta_path, "--model", tiny_v1, "--format", "kohya", "--json")
