@@ -113,8 +113,9 @@ def test_missing_and_stale_entries_are_encoded_to_disk_before_the_first_step(cli
     entries = sorted((meta.parent / "meta.latents").glob("img0-*.safetensors"))
     entries[0].unlink()
     (images / "img1.png").write_bytes((images / "img1.png").read_bytes() + b"\0")
-    dry = cli("train", config, "--dry-run")
+    dry = cli("-v", "train", config, "--dry-run")
     assert "cached latents: 2 ok, 2 to encode to the cache folder before the first step" in dry.stderr
+    assert "to encode: " in dry.stderr and "img0.png (no cached latents" in dry.stderr and "img1.png (" in dry.stderr
     result = cli("train", config)
     assert result.exit_code == 0, result.stderr
     assert "encoding them into the cache folder" in result.stderr and "encoding 2 images" in result.stderr
