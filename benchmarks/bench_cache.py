@@ -85,7 +85,7 @@ def measure(
     import torch
     from diffusers import AutoencoderKL
 
-    from sdtool.cache.job import CacheOptions, bucket_batches, conv_memory_format, run_cache
+    from sdtool.cache.job import CacheOptions, bucket_batches, run_cache
     from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
     from sdtool.console import QUIET, Output, SkipReporter, set_verbosity
 
@@ -173,9 +173,8 @@ def measure(
         with torch.inference_mode():
             p = items[0].placement
             first = to_tensor(load_bucketed_pixels(items[0].image_path, p.resized, p.bucket))[None]
-            encode(first)  # warm-up, for both VAEs in the layouts they will run in
-            layout = conv_memory_format(device)
-            cache_vae.to(memory_format=layout).encode(first.to(device=device, memory_format=layout))
+            encode(first)  # warm-up, for both VAEs
+            cache_vae.encode(first.to(device=device))
         # Interleaved repeats, best of each: other load on the machine hits every variant alike.
         for _ in range(repeats):
             for name, fn in runs.items():

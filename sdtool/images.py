@@ -195,13 +195,19 @@ def _png_has_late_metadata(path: Path) -> bool:
 
 def read_size(path: str | Path) -> tuple[int, int]:
     """The displayed (EXIF-rotated) size from the header alone; raises ImageError."""
+    return read_sizes(path)[1]
+
+
+def read_sizes(path: str | Path) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(stored, displayed) size from the header alone: the pixel grid in the file, and the size once EXIF
+    orientation is applied (W and H swapped for a 90°/270° rotation); raises ImageError."""
     path = Path(path)
     img = _open_checked(path)
     try:
         w, h = img.size
         if _orientation(img, path) in _SWAPS_AXES:
-            w, h = h, w
-        return w, h
+            return (w, h), (h, w)
+        return (w, h), (w, h)
     finally:
         img.close()
 

@@ -4,11 +4,18 @@
 `[BOS] + ids[i:i+75] + [last id]` for i = 1, 76, 151. Each chunk is encoded on its own (positions restart, CLIP's
 causal mask only); `clip_skip=k` takes `hidden_states[-k]` and applies the final layer norm. The states are put
 back together as `2 + 75n` positions: chunk 0's BOS, each chunk's 75 inner states, the last chunk's final state.
+
+Before tokenizing, every prompt (training caption or sample prompt) is cleaned the way CLIP's and OpenCLIP's own
+tokenizers clean the text the models were trained on (`clean_prompt`): the transformers 5 tokenizer only applies
+NFC, whitespace collapsing and lower case, so `&amp;` or mojibake would otherwise become other tokens.
 """
 
 from __future__ import annotations
 
+import html
+import importlib
 import math
+import re
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +25,30 @@ from sdtool.errors import UsageError
 
 CHUNK = 75
 ALLOWED_MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
+
+
+_WHITESPACE = re.compile(r"\s+")
+_fix_text: Any = None
+
+
+def clean_prompt(text: str) -> str:
+    """CLIP's `basic_clean` + `whitespace_clean`: ftfy's `fix_text` (when ftfy is installed), HTML entities
+    unescaped twice, runs of whitespace collapsed to one space, ends stripped.
+
+    Written out here because transformers 5 dropped this step from `CLIPTokenizer`; openai/CLIP's and
+    open_clip's `simple_tokenizer.py` (SD1's and SD2's text encoders) do exactly this before BPE, and kohya's
+    trainers get it from transformers 4 with ftfy. Lower-casing is left to the tokenizer, which does it.
+    """
+    global _fix_text
+    if _fix_text is None:
+        try:
+            _fix_text = importlib.import_module("ftfy").fix_text
+        except ImportError:
+            _fix_text = False
+    if _fix_text:
+        text = _fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return _WHITESPACE.sub(" ", text).strip()
 
 
 def num_chunks(max_token_length: int | None) -> int:
@@ -67,7 +98,8 @@ def tokenize_chunks(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # One untruncated call gives both the ids and the true length; truncating + padding it by hand is exactly
     # what `padding="max_length", truncation=True` does for CLIP (content cut to max-2, then BOS/EOS/PAD).
-    encoded = tokenizer(list(prompts), add_special_tokens=False, truncation=False, padding=False)["input_ids"]
+    cleaned = [clean_prompt(prompt) for prompt in prompts]
+    encoded = tokenizer(cleaned, add_special_tokens=False, truncation=False, padding=False)["input_ids"]
     rows: list[list[list[int]]] = []
     lengths: list[int] = []
     for ids in encoded:

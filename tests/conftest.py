@@ -81,7 +81,9 @@ def cli():
 
 def run_sdtool(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600):
     """Run `python -m sdtool …` in a subprocess, the way a user's shell does."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    # The repository first; anything already on PYTHONPATH stays importable after it.
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "sdtool", *map(str, args)],
         capture_output=True,

@@ -116,3 +116,48 @@ def test_bad_max_token_length_and_clip_skip(tiny_v1):
         tokenize_chunks(m.tokenizer, ["a"], 100)
     with pytest.raises(UsageError, match="clip_skip"):
         encode_prompts(m.tokenizer, m.text_encoder, ["a"], clip_skip=9)
+
+
+# Prompt cleaning (issue 18): openai/CLIP clip/simple_tokenizer.py and open_clip's tokenizer.py clean every text with
+# `whitespace_clean(basic_clean(text))`, basic_clean being ftfy.fix_text + html.unescape(html.unescape(·)) + strip.
+CLEANING = [
+    ("a cat &amp; a dog", "a cat & a dog"),
+    ("a cat &amp;amp; a dog", "a cat & a dog"),  # unescaped twice, as CLIP does
+    ("  a\tcat\n\n on   a\u3000mat ", "a cat on a mat"),
+    ("&lt;lora&gt; &quot;cat&quot;", '<lora> "cat"'),
+]
+
+
+@pytest.mark.parametrize(("raw", "clean"), CLEANING)
+def test_prompts_are_cleaned_like_clip_before_tokenizing(raw, clean):
+    from sdtool.models.tiny import build_tiny_tokenizer
+    from sdtool.text import clean_prompt
+
+    assert clean_prompt(raw) == clean
+    tokenizer = build_tiny_tokenizer("v1")
+    got, _ = tokenize_chunks(tokenizer, [raw], 150)
+    expected, _ = tokenize_chunks(tokenizer, [clean], 150)
+    assert torch.equal(got, expected)
+    if "&" in raw:  # without the cleaning, transformers 5's tokenizer gives other ids: the step is needed
+        assert tokenizer(raw)["input_ids"] != tokenizer(clean)["input_ids"]
+
+
+def test_mojibake_is_fixed_when_ftfy_is_installed():
+    ftfy = pytest.importorskip("ftfy")  # optional, as in CLIP's transformers-4 tokenizer
+    from sdtool.text import clean_prompt
+
+    assert clean_prompt("cafÃ© &amp; croissant") == ftfy.fix_text("café & croissant") == "café & croissant"
+
+
+@pytest.mark.slow
+def test_sampling_and_training_encode_cleaned_prompts(tiny_v1):
+    """encode_prompts (sampling) and the training collate both go through tokenize_chunks, so both are cleaned."""
+    from sdtool.train.dataset import Collate
+
+    model = load_model(tiny_v1, components=("tokenizer", "text_encoder"))
+    with torch.no_grad():
+        a = encode_prompts(model.tokenizer, model.text_encoder, ["a red cat &amp; a  dog"], 75)
+        b = encode_prompts(model.tokenizer, model.text_encoder, ["a red cat & a dog"], 75)
+    assert torch.equal(a, b)
+    batch = Collate(model.tokenizer, 75)([{"latents": torch.zeros(1), "caption": "a red cat &amp; a  dog"}])
+    assert torch.equal(batch["input_ids"], tokenize_chunks(model.tokenizer, ["a red cat & a dog"])[0])

@@ -214,3 +214,24 @@ def adjust_min_max_to_steps(min_reso: int, max_reso: int, steps: int) -> tuple[i
     if max_reso % steps:
         max_reso += steps - max_reso % steps
     return min_reso, max_reso
+
+
+def bucket_for_displayed(bucket: Size, stored: Size, displayed: Size) -> Size:
+    """The bucket turned to the displayed image when it was computed from the stored pixel grid of a rotated photo.
+
+    kohya's tools never apply EXIF orientation, so metadata they wrote (no `image_size`, `train_resolution` from the
+    stored size) gives a photo that EXIF turns by 90° the bucket of its unturned pixels: a 400x200 grid shown as
+    200x400 keeps a 704x320 bucket, and covering that with the upright image keeps 23 % of it. When the stored and
+    displayed sizes differ and the bucket's aspect is closer to the stored one, the bucket is transposed: kohya's
+    bucket list holds every bucket both ways round, and the transposed bucket crops the upright picture as kohya's
+    bucket crops the stored one. Anything else comes back unchanged.
+    """
+    if stored == displayed or stored != (displayed[1], displayed[0]):
+        return bucket
+
+    def aspect_error(size: Size) -> float:
+        return abs(math.log((bucket[0] / bucket[1]) / (size[0] / size[1])))
+
+    if aspect_error(stored) < aspect_error(displayed):
+        return (bucket[1], bucket[0])
+    return bucket

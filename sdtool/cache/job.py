@@ -20,9 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool.cache.entry import CacheFormat, default_cache_dir, make_record, native_entry_path, write_native_entry
+from sdtool.cache.entry import (
+    CachedLatents,
+    CacheFormat,
+    default_cache_dir,
+    make_record,
+    native_entry_path,
+    write_native_entry,
+)
 from sdtool.cache.fingerprint import source_fingerprint, vae_fingerprint
-from sdtool.cache.kohya_npz import kohya_npz_path, write_kohya_npz
+from sdtool.cache.kohya_npz import KohyaSuffix, kohya_crop_ltrb, kohya_npz_path, write_kohya_npz
 from sdtool.cache.placement import CacheItem, plan_items
 from sdtool.cache.ranks import QuietSkips, Ranks
 from sdtool.cache.store import entry_status
@@ -37,6 +44,7 @@ class CacheOptions:
     """What `sdtool cache` was asked to do (validated by the CLI)."""
 
     fmt: CacheFormat = "sdtool"
+    kohya_suffix: KohyaSuffix = "_sd.npz"  # which kohya scripts find the files (see kohya_npz.KOHYA_READERS)
     cache_dir: Path | None = None
     flip_aug: bool = False
     batch_size: int = 4
@@ -144,18 +152,6 @@ def load_cache_vae(model: str | None, vae: str | None, dtype: Any, device: Any) 
     return module.to(device).eval()
 
 
-def conv_memory_format(device: Any) -> Any:
-    """The memory layout the VAE's convolutions run fastest in on `device`.
-
-    On CPU, oneDNN's convolutions and PyTorch's GroupNorm have channels-last kernels: an SD-sized VAE encoder runs
-    about 20 % faster in that layout (measured by `benchmarks/bench_cache.py`), with the same results to float
-    rounding. On CUDA the default layout is kept until a GPU measurement says otherwise.
-    """
-    import torch
-
-    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
-
-
 def run_cache(
     metadata_path: str | Path,
     *,
@@ -169,8 +165,12 @@ def run_cache(
 ) -> CacheSummary:
     """Encode every missing or stale entry of a bucketed metadata file (all of them with `overwrite`).
 
-    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. the benchmark); its weights
-    are switched in place to the memory layout of `conv_memory_format`.
+    `vae_module` is an already loaded VAE for `vae`/`model` (callers that hold one, e.g. the benchmark).
+
+    The VAE runs in PyTorch's default memory layout everywhere. The channels-last layout is about 20 % faster on
+    CPU but not exact: its GroupNorm moves the latents of a flat image by up to 0.02 on an SD-sized VAE with
+    realistic weights (0.6 on the tiny test VAE), where the default layout agrees with a float64 encoding to 3e-5
+    (benchmarks/vae_layout.py, docs/benchmarks.md).
     """
     if model is None and vae is None:
         raise UsageError("sdtool cache needs --model (or --vae) to encode", hint="pass --model MODEL")
@@ -188,36 +188,88 @@ def run_cache(
             output.record({"path": path, "status": "skipped", "reason": reason})
         summary.skipped += len(problems)
         if options.fmt == "kohya":
-            items = _drop_npz_collisions(items, output, summary, skips)
+            items = _drop_npz_collisions(items, options.kohya_suffix, output, summary, skips)
+            _warn_about_legacy_npz(items)
+        summary = encode_items(
+            items,
+            ranks=ranks,
+            cache_dir=cache_dir,
+            model=model,
+            vae=vae,
+            options=options,
+            output=output,
+            skips=skips,
+            summary=summary,
+            vae_module=vae_module,
+            main_output=main_output,
+            main_skips=main_skips,
+        )
+        main = ranks.main
+    # Raised after every rank has left the process group together (see Ranks.close).
+    if main and summary.nonfinite:
+        raise NonFiniteError(
+            f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; they were not written",
+            hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
+        )
+    return summary
 
-        vae_source = str(vae if vae is not None else model)
-        try:
-            fingerprint: str | None = vae_fingerprint(vae_source)
-        except SdtoolError as exc:
-            # A hub model that is not downloaded yet: it is fingerprinted after loading fetches it.
-            debug(f"VAE fingerprint before loading failed: {exc.one_line()}")
-            fingerprint = None
 
-        todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
-        if not todo:
-            info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
-            return summary
+def encode_items(
+    items: list[CacheItem],
+    *,
+    ranks: Ranks,
+    cache_dir: Path,
+    model: str | None,
+    vae: str | None,
+    options: CacheOptions,
+    output: Output,
+    skips: SkipReporter,
+    summary: CacheSummary | None = None,
+    vae_module: Any = None,
+    main_output: Output | None = None,
+    main_skips: SkipReporter | None = None,
+    memory: dict[Path, CachedLatents] | None = None,
+) -> CacheSummary:
+    """Encode the missing or stale entries among `items` (all with `overwrite`): the work of `sdtool cache` once its
+    images are planned, shared with `sdtool train`'s `cache_latents`.
 
-        import torch
+    With several `ranks` each takes whole bucket batches in turn and rank 0 reports for all (`main_output` /
+    `main_skips` are where; `output` / `skips` are this rank's own). With `memory`, nothing is written: each entry
+    is kept there (image path → CachedLatents) for the caller, and every rank encodes every item it is given.
+    """
+    summary = summary if summary is not None else CacheSummary()
+    main_output = main_output if main_output is not None else output
+    main_skips = main_skips if main_skips is not None else skips
+    vae_source = str(vae if vae is not None else model)
+    try:
+        fingerprint: str | None = vae_fingerprint(vae_source)
+    except SdtoolError as exc:
+        # A hub model that is not downloaded yet: it is fingerprinted after loading fetches it.
+        debug(f"VAE fingerprint before loading failed: {exc.one_line()}")
+        fingerprint = None
 
-        from sdtool.runtime import resolve_device, torch_dtype
+    todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
+    if not todo:
+        info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
+        return summary
+    from sdtool.cache.pixels import check_interpolation
 
-        device = resolve_device(ranks.device(options.device))
-        precision = options.precision or "fp32"
-        dtype = torch_dtype(precision)
-        if vae_module is None:
-            vae_module = load_cache_vae(model, vae, dtype, device)
-        memory_format = conv_memory_format(device)
-        vae_module = vae_module.to(memory_format=memory_format)
-        if fingerprint is None:
-            fingerprint = vae_fingerprint(vae_source)
-            todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
+    check_interpolation(options.interpolation)
 
+    import torch
+
+    from sdtool.runtime import resolve_device, torch_dtype
+
+    device = resolve_device(ranks.device(options.device))
+    precision = options.precision or "fp32"
+    dtype = torch_dtype(precision)
+    if vae_module is None:
+        vae_module = load_cache_vae(model, vae, dtype, device)
+    if fingerprint is None:
+        fingerprint = vae_fingerprint(vae_source)
+        todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
+
+    if memory is None:
         if options.fmt == "sdtool":
             cache_dir.mkdir(parents=True, exist_ok=True)
         if ranks.main:  # only while no rank writes: a leftover temp file could otherwise be another rank's live write
@@ -229,50 +281,45 @@ def run_cache(
         # No rank writes before every rank has chosen its work from the same, unchanged cache.
         ranks.barrier()
 
-        workers = options.workers if options.workers is not None else usable_cpus()
-        batches = bucket_batches(todo, options.batch_size)
-        info(
-            f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
-            + (f", {ranks.size} processes" if ranks.size > 1 else "")
-            + (f", {summary.kept} up to date" if summary.kept else "")
-        )
-        mine = batches[ranks.rank :: ranks.size]
-        if not ranks.main:
-            # What this rank writes and skips goes to rank 0 at the end (see Ranks.gather).
-            output, skips = Output(output.json_lines, stream=io.StringIO()), QuietSkips()
-            summary = CacheSummary()
-        writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary)
-        # Checks and atomic (fsynced) writes run on one writer thread, in order, while the VAE encodes the next batch;
-        # at most a few batches of results wait there, so memory stays bounded.
-        pending: deque[Future[None]] = deque()
-        with (
-            progress_bar("cache", sum(len(b) for b in mine)) as advance,
-            torch.inference_mode(),
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtool-write") as write_pool,
-        ):
-            for loaded in prefetch_batches(mine, options.interpolation, workers, ahead=max(2, workers)):
-                for entry in loaded:
-                    if entry.error is not None:
-                        pending.append(write_pool.submit(writer.skip, entry.item, entry.error))
-                good = [entry for entry in loaded if entry.error is None]
-                if good:
-                    mean, std = _encode(vae_module, good, options.flip_aug, device, dtype, memory_format)
-                    for i, entry in enumerate(good):
-                        pending.append(write_pool.submit(writer.write, entry, mean, std, i, len(good)))
-                while len(pending) > 4 * options.batch_size:
-                    pending.popleft().result()  # re-raises a failed write here
-                advance(len(loaded))
-            while pending:
-                pending.popleft().result()
-        if ranks.size > 1:
-            summary = ranks.gather(summary, output, skips, main_output, main_skips)
-        main = ranks.main
-    # Raised after every rank has left the process group together (see Ranks.close).
-    if main and summary.nonfinite:
-        raise NonFiniteError(
-            f"the VAE produced NaN/inf latents for {summary.nonfinite} image(s), named above; they were not written",
-            hint="fp16 VAEs often overflow: try --precision fp32 or bf16, or a fixed VAE (--vae)",
-        )
+    workers = options.workers if options.workers is not None else usable_cpus()
+    batches = bucket_batches(todo, options.batch_size)
+    info(
+        f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
+        + (f", {ranks.size} processes" if ranks.size > 1 and memory is None else "")
+        + (f", {summary.kept} up to date" if summary.kept else "")
+        + (", kept in memory for this run" if memory is not None else "")
+    )
+    shared = ranks.size > 1 and memory is None
+    mine = batches[ranks.rank :: ranks.size] if shared else batches
+    if shared and not ranks.main:
+        # What this rank writes and skips goes to rank 0 at the end (see Ranks.gather).
+        output, skips = Output(output.json_lines, stream=io.StringIO()), QuietSkips()
+        summary = CacheSummary()
+    writer = _EntryWriter(cache_dir, fingerprint, vae_source, precision, options, output, skips, summary, memory)
+    # Checks and atomic (fsynced) writes run on one writer thread, in order, while the VAE encodes the next batch;
+    # at most a few batches of results wait there, so memory stays bounded.
+    pending: deque[Future[None]] = deque()
+    with (
+        progress_bar("cache", sum(len(b) for b in mine)) as advance,
+        torch.inference_mode(),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdtool-write") as write_pool,
+    ):
+        for loaded in prefetch_batches(mine, options.interpolation, workers, ahead=max(2, workers)):
+            for entry in loaded:
+                if entry.error is not None:
+                    pending.append(write_pool.submit(writer.skip, entry.item, entry.error))
+            good = [entry for entry in loaded if entry.error is None]
+            if good:
+                mean, std = _encode(vae_module, good, options.flip_aug, device, dtype)
+                for i, entry in enumerate(good):
+                    pending.append(write_pool.submit(writer.write, entry, mean, std, i, len(good)))
+            while len(pending) > 4 * options.batch_size:
+                pending.popleft().result()  # re-raises a failed write here
+            advance(len(loaded))
+        while pending:
+            pending.popleft().result()
+    if shared:
+        summary = ranks.gather(summary, output, skips, main_output, main_skips)
     return summary
 
 
@@ -297,6 +344,7 @@ def _select_work(
             flip_aug=options.flip_aug,
             interpolation=options.interpolation,
             precision=options.precision,
+            kohya_suffix=options.kohya_suffix,
         )
         if st.status == "ok" and fingerprint is not None:
             summary.kept += 1
@@ -309,13 +357,13 @@ def _select_work(
 
 
 def _drop_npz_collisions(
-    items: list[CacheItem], output: Output, summary: CacheSummary, skips: SkipReporter
+    items: list[CacheItem], suffix: KohyaSuffix, output: Output, summary: CacheSummary, skips: SkipReporter
 ) -> list[CacheItem]:
     """kohya names drop the extension: of two images that would share an npz file, the second is skipped."""
     owners: dict[Path, Path] = {}
     kept = []
     for item in items:
-        npz = kohya_npz_path(item.image_path, item.placement.original_size)
+        npz = kohya_npz_path(item.image_path, item.placement.original_size, suffix)
         owner = owners.setdefault(npz, item.image_path)
         if owner != item.image_path:
             reason = f"its kohya cache name {npz.name} is taken by {owner.name} (use --format sdtool)"
@@ -327,7 +375,21 @@ def _drop_npz_collisions(
     return kept
 
 
-def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any, memory_format: Any) -> tuple[Any, Any]:
+def _warn_about_legacy_npz(items: list[CacheItem]) -> None:
+    """kohya's scripts read an old `<stem>.npz` beside an image before any `_WxH_sd(xl).npz`: say so."""
+    from sdtool.cache.kohya_npz import kohya_legacy_npz_path
+    from sdtool.console import warn
+
+    legacy = [path for path in (kohya_legacy_npz_path(item.image_path) for item in items) if path.is_file()]
+    if legacy:
+        more = f" and {len(legacy) - 1} more" if len(legacy) > 1 else ""
+        warn(
+            f"{legacy[0]}{more}: an old-style <stem>.npz beside the image; kohya's scripts read that file instead "
+            "of the one written now (remove it to let them use the new one)"
+        )
+
+
+def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any) -> tuple[Any, Any]:
     """Posterior mean and std (float32, CPU) of a one-bucket batch; with `flip` the mirrored crops follow."""
     import torch
 
@@ -336,9 +398,8 @@ def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any,
     tensors = [to_tensor(e.pixels) for e in batch]
     if flip:
         tensors += [to_tensor(e.pixels, flip=True) for e in batch]
-    x = torch.stack(tensors).to(device=device, dtype=dtype, memory_format=memory_format)
+    x = torch.stack(tensors).to(device=device, dtype=dtype)
     dist = vae.encode(x).latent_dist
-    # Back to the default layout: entries are written (and compared) as plain contiguous tensors.
     return dist.mean.float().cpu().contiguous(), dist.std.float().cpu().contiguous()
 
 
@@ -355,7 +416,9 @@ class _EntryWriter:
         output: Output,
         skips: SkipReporter,
         summary: CacheSummary,
+        memory: dict[Path, CachedLatents] | None = None,
     ):
+        self.memory = memory
         self.cache_dir = cache_dir
         self.fingerprint = fingerprint
         self.vae_source = vae_source
@@ -384,6 +447,16 @@ class _EntryWriter:
             self.skip(item, f"the VAE produced NaN/inf latents ({', '.join(bad)}); not written")
             return
         assert entry.source is not None
+        if self.memory is not None:
+            self.memory[item.image_path] = CachedLatents(
+                mean=tensors["mean"].clone(),
+                std=tensors["std"].clone(),
+                flipped_mean=tensors["flipped_mean"].clone() if "flipped_mean" in tensors else None,
+                flipped_std=tensors["flipped_std"].clone() if "flipped_std" in tensors else None,
+            )
+            self.summary.written += 1
+            self.skips.ok()
+            return
         record = make_record(
             item.image_path,
             item.placement,
@@ -416,10 +489,12 @@ class _EntryWriter:
         flipped = draw(tensors["flipped_mean"], tensors["flipped_std"]) if "flipped_mean" in tensors else None
         p = item.placement
         return write_kohya_npz(
-            kohya_npz_path(item.image_path, p.original_size),
+            kohya_npz_path(item.image_path, p.original_size, self.options.kohya_suffix),
             latents,
             original_size=p.original_size,
-            crop_ltrb=p.crop_ltrb,
+            # kohya's meaning of the field (its own readers, SDXL's micro-conditioning, expect it); sdtool's real
+            # crop stays in the record.
+            crop_ltrb=kohya_crop_ltrb(p.bucket, p.original_size),
             latents_flipped=flipped,
             record=record,
         )

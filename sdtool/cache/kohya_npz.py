@@ -1,9 +1,21 @@
 """kohya's latent cache files (`--format kohya`): names, writing, reading and checking.
 
-`<image without ext>_<W:04d>x<H:04d>_sd.npz` beside the image with `latents` (one posterior sample, float32,
-(4, h/8, w/8), unscaled), `original_size` [W, H], `crop_ltrb` and `latents_flipped` with flip-aug; sdtool adds
-`sdtool_record` (the native entry's JSON record as a 0-d string array), which kohya ignores. kohya's own
-`_sdxl.npz` and legacy `<stem>.npz` files are read too.
+`<image without ext>_<W:04d>x<H:04d><suffix>` beside the image, W×H being the image's displayed size, with
+`latents` (one posterior sample, float32, (4, h/8, w/8), unscaled), `original_size` [W, H] and `crop_ltrb`, plus
+`latents_flipped` with flip-aug; sdtool adds `sdtool_record` (the native entry's JSON record as a 0-d string
+array), which kohya ignores. kohya's own `_sd.npz` / `_sdxl.npz` and legacy `<stem>.npz` files are read too.
+
+The suffix decides which kohya script finds a file (`KOHYA_READERS`): kohya's caching strategy
+(library/strategy_sd.py `SdSdxlLatentsCachingStrategy`, sd-scripts 48d368fa) names files `_sd.npz` when a script
+constructs it with `sd=True` and `_sdxl.npz` otherwise, and the current `fine_tune.py` and `train_db.py` pass False
+even for SD1/2 models. A legacy `<stem>.npz` beside the image wins over both in every kohya script.
+
+The fields mean what kohya writes (library/train_util.py `trim_and_resize_if_required`), which is not what the
+native format's record says: `crop_ltrb` is `BucketManager.get_crop_ltrb(bucket, original_size)`, the box the
+image would fill if fitted *inside* the bucket (Stability's SDXL preprocessing; float64), not the centre crop of the
+cover-resized image that sdtool trains on (the record's `crop_ltrb`, ints in resized pixels); `original_size` is
+the displayed (EXIF-rotated) size, the size the latents were made from (kohya writes the stored pixel grid, which
+differs for a rotated photo because kohya never applies EXIF orientation).
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sdtool.cache.entry import (
     CachedLatents,
@@ -31,7 +43,37 @@ if TYPE_CHECKING:
     import numpy as np
 
 
-KOHYA_SUFFIXES = ("_sd.npz", "_sdxl.npz")
+KohyaSuffix = Literal["_sd.npz", "_sdxl.npz"]
+
+
+KOHYA_SUFFIXES: tuple[KohyaSuffix, ...] = ("_sd.npz", "_sdxl.npz")
+
+
+# Which kohya sd-scripts (48d368fa) read which name, for SD1/2 models: the `sd` argument of each script's
+# SdSdxlLatentsCachingStrategy (fine_tune.py L61-64, train_db.py L67-69, train_network.py L198-201, …).
+KOHYA_READERS: dict[KohyaSuffix, tuple[str, ...]] = {
+    "_sd.npz": ("train_network.py", "train_textual_inversion.py", "train_control_net.py", "tools/cache_latents.py"),
+    "_sdxl.npz": ("fine_tune.py", "train_db.py", "sdxl_train.py", "sdxl_train_network.py", "the other sdxl_* scripts"),
+}
+
+
+def kohya_crop_ltrb(bucket: tuple[int, int], original_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """kohya's `BucketManager.get_crop_ltrb(bucket_reso, image_size)` (library/train_util.py L348-366), verbatim.
+
+    The box (left, top, right, bottom) the image covers when fitted inside the bucket, in bucket pixels, as kohya
+    stores it in its npz files (floats: one side is always a true division).
+    """
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = original_size[0] / original_size[1]
+    if bucket_ar > image_ar:
+        resized_width: float = bucket[1] * image_ar
+        resized_height: float = bucket[1]
+    else:
+        resized_width = bucket[0]
+        resized_height = bucket[0] / image_ar
+    crop_left = (bucket[0] - resized_width) // 2
+    crop_top = (bucket[1] - resized_height) // 2
+    return (float(crop_left), float(crop_top), float(crop_left + resized_width), float(crop_top + resized_height))
 
 
 def kohya_npz_path(image_path: str | Path, original_size: tuple[int, int], suffix: str = "_sd.npz") -> Path:
@@ -51,7 +93,7 @@ def write_kohya_npz(
     latents: np.ndarray,
     *,
     original_size: tuple[int, int],
-    crop_ltrb: tuple[int, int, int, int],
+    crop_ltrb: tuple[float, float, float, float],
     latents_flipped: np.ndarray | None = None,
     record: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -63,7 +105,7 @@ def write_kohya_npz(
     arrays: dict[str, Any] = {
         "latents": np.ascontiguousarray(latents, dtype=np.float32),
         "original_size": np.asarray(original_size, dtype=np.int64),
-        "crop_ltrb": np.asarray(crop_ltrb, dtype=np.int64),
+        "crop_ltrb": np.asarray(crop_ltrb, dtype=np.float64),  # kohya's np.array(get_crop_ltrb(...)) is float64
     }
     if latents_flipped is not None:
         arrays["latents_flipped"] = np.ascontiguousarray(latents_flipped, dtype=np.float32)

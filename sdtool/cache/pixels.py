@@ -2,6 +2,12 @@
 
 load (§C) → resize to the bucket's `resized` size (PIL LANCZOS by default) → centre crop to the bucket →
 values in [−1, 1] (`x / 127.5 − 1`), RGB, CHW.
+
+Resampling filters: PIL's for lanczos, bicubic, bilinear, box and nearest; OpenCV's `INTER_AREA` for "area", the
+filter kohya's sd-scripts shrink with; "kohya" is kohya's own rule (library/utils.py `resize_image`): `INTER_AREA`
+when the image shrinks on both sides, PIL LANCZOS otherwise. OpenCV is used rather than a re-implementation
+because only OpenCV's own code gives OpenCV's pixels bit for bit (its fixed-point fast path for integer factors and
+its float accumulation order are implementation details), and kohya's latents come from those pixels.
 """
 
 from __future__ import annotations
@@ -13,33 +19,62 @@ import numpy as np
 from PIL import Image
 
 from sdtool.bucket.algorithm import crop_ltrb
-from sdtool.errors import ImageError
+from sdtool.errors import ImageError, MissingDependencyError
 from sdtool.images import open_image
 
-# "area" has no exact PIL twin; BOX averages every source pixel that falls in the target pixel, which is what
-# area interpolation does when downscaling.
-INTERPOLATIONS = {
+_PIL_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "box": Image.Resampling.BOX,
-    "area": Image.Resampling.BOX,
     "nearest": Image.Resampling.NEAREST,
+    # kohya's aliases (its --resize_interpolation accepts both spellings)
+    "linear": Image.Resampling.BILINEAR,
+    "cubic": Image.Resampling.BICUBIC,
 }
 
-__all__ = ["INTERPOLATIONS", "crop_ltrb", "load_bucketed_pixels", "resize_and_crop", "to_tensor"]
+KOHYA_RULE = "kohya"
+
+INTERPOLATIONS = (*_PIL_FILTERS, "area", KOHYA_RULE)
+"""Every resampling choice: PIL filters, OpenCV's area filter, and kohya's rule (area down, Lanczos up)."""
+
+__all__ = ["INTERPOLATIONS", "KOHYA_RULE", "crop_ltrb", "load_bucketed_pixels", "resize_and_crop", "to_tensor"]
+
+
+def check_interpolation(interpolation: str) -> None:
+    """Raise before any work when `interpolation` needs a package that is missing (OpenCV for area / kohya)."""
+    if interpolation in ("area", KOHYA_RULE):
+        import importlib.util
+
+        if importlib.util.find_spec("cv2") is None:
+            raise MissingDependencyError(
+                "opencv-python-headless", f"resize interpolation {interpolation!r} (OpenCV's area filter, as kohya's)"
+            )
+
+
+def _area_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """OpenCV's INTER_AREA on the RGB pixels, as kohya's `resize_image` calls it (`cv2.resize(image, size, …)`)."""
+    check_interpolation("area")
+    import cv2
+
+    return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_AREA))
 
 
 def resize_and_crop(
     img: Image.Image, resized: tuple[int, int], bucket: tuple[int, int], interpolation: str = "lanczos"
 ) -> np.ndarray:
     """Resize to `resized`, centre-crop to `bucket`; uint8 HWC RGB."""
-    try:
-        resample = INTERPOLATIONS[interpolation]
-    except KeyError as exc:
-        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}") from exc
-    if img.size != tuple(resized):
-        img = img.resize((resized[0], resized[1]), resample=resample)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {', '.join(INTERPOLATIONS)}")
+    size = (int(resized[0]), int(resized[1]))
+    if img.size != size:
+        if interpolation == KOHYA_RULE:
+            shrinks = img.size[0] >= size[0] and img.size[1] >= size[1]
+            interpolation = "area" if shrinks else "lanczos"
+        if interpolation == "area":
+            img = _area_resize(img, size)
+        else:
+            img = img.resize(size, resample=_PIL_FILTERS[interpolation])
     box = crop_ltrb(resized, bucket)
     return np.asarray(img.crop(box), dtype=np.uint8)
 

@@ -51,15 +51,42 @@ def _int_tuple(value: Any, n: int, name: str, where: str | Path) -> tuple[int, .
     return items
 
 
+def displayed_bucket(image_path: str | Path, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(bucket, displayed size) for a metadata entry without `image_size`, as kohya's tools write them.
+
+    Such a bucket may have been computed from the stored pixel grid of a photo that EXIF orientation turns by 90°
+    (kohya never applies it); it is then turned to fit the displayed image (`bucket_for_displayed`), with a warning
+    naming the file. Raises ImageError when the header cannot be read.
+    """
+    from sdtool.bucket.algorithm import bucket_for_displayed
+    from sdtool.console import warn
+    from sdtool.images import read_sizes
+
+    stored, displayed = read_sizes(image_path)
+    turned = bucket_for_displayed(bucket, stored, displayed)
+    if turned != bucket:
+        warn(
+            f"{image_path}: the metadata's bucket {size_text(bucket)} fits the stored {size_text(stored)} pixels, "
+            f"but EXIF orientation shows the image as {size_text(displayed)}; using the bucket {size_text(turned)} "
+            "(the metadata has no image_size, as kohya's tools, which ignore EXIF orientation, write it; "
+            "run sdtool bucket to re-bucket it)"
+        )
+    return turned, displayed
+
+
+def size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
 def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | None = None) -> Placement:
-    """The Placement a metadata entry describes; `image_size` missing → read from the image header.
+    """The Placement a metadata entry describes; `image_size` missing → read from the image header (and a bucket
+    made from a rotated photo's stored pixels turned upright, see `displayed_bucket`).
 
     Raises MissingBucketError without `train_resolution`, InputError for malformed fields, ImageError when the
     header has to be read and cannot be.
     """
     from sdtool.bucket.algorithm import cover_resize
     from sdtool.cache.pixels import crop_ltrb
-    from sdtool.images import read_size
 
     where = image_path if image_path is not None else "metadata entry"
     if fields.get("train_resolution") is None:
@@ -70,7 +97,7 @@ def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | Non
     if fields.get("image_size") is not None:
         w, h = _int_tuple(fields["image_size"], 2, "image_size", where)
     elif image_path is not None:
-        w, h = read_size(image_path)
+        (bw, bh), (w, h) = displayed_bucket(image_path, (bw, bh))
     else:
         raise InputError(where, "no image_size in the metadata and no image to read it from")
     if fields.get("resized_size") is not None:

@@ -22,7 +22,14 @@ from sdtool.cache.entry import (
     read_native_record,
     record_problem,
 )
-from sdtool.cache.kohya_npz import kohya_candidates, kohya_npz_path, kohya_problem, load_kohya, read_npz
+from sdtool.cache.kohya_npz import (
+    KohyaSuffix,
+    kohya_candidates,
+    kohya_npz_path,
+    kohya_problem,
+    load_kohya,
+    read_npz,
+)
 from sdtool.cache.placement import CacheItem, Placement, plan_items
 from sdtool.errors import ImageError, UsageError
 
@@ -117,6 +124,7 @@ def entry_status(
     flip_aug: bool = False,
     interpolation: str | None = "lanczos",
     precision: str | None = None,
+    kohya_suffix: KohyaSuffix = "_sd.npz",
 ) -> EntryStatus:
     """The cache state of one planned image (reads headers only; hashes the image only if its mtime changed)."""
     p = item.placement
@@ -141,7 +149,7 @@ def entry_status(
             precision=precision,
         )
     else:
-        path = kohya_npz_path(item.image_path, p.original_size)
+        path = kohya_npz_path(item.image_path, p.original_size, kohya_suffix)
         if not path.is_file():
             return EntryStatus(item.key, item.image_path, "missing", "not cached yet", path, p)
         try:
@@ -166,6 +174,7 @@ def cache_status(
     flip_aug: bool = False,
     interpolation: str | None = "lanczos",
     precision: str | None = None,
+    kohya_suffix: KohyaSuffix = "_sd.npz",
 ) -> list[EntryStatus]:
     """ok / missing / stale for every image of a metadata file, without encoding anything or loading a model.
 
@@ -186,6 +195,7 @@ def cache_status(
             flip_aug=flip_aug,
             interpolation=interpolation,
             precision=precision,
+            kohya_suffix=kohya_suffix,
         )
         for item in items
     ]

@@ -36,6 +36,14 @@ class Interpolation(str, Enum):
     box = "box"
     nearest = "nearest"
     area = "area"
+    kohya = "kohya"
+
+
+class KohyaName(str, Enum):
+    """Which kohya scripts find the files: the suffix their latent caching strategy looks for (KOHYA_READERS)."""
+
+    sd = "sd"
+    sdxl = "sdxl"
 
 
 def command(
@@ -60,11 +68,27 @@ def command(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     resize_interpolation: Annotated[
-        Interpolation, typer.Option("--resize-interpolation", help="Resampling filter for the resize.")
-    ] = Interpolation.lanczos,
+        Interpolation | None,
+        typer.Option(
+            "--resize-interpolation",
+            help="Resampling filter for the resize: PIL's lanczos/bicubic/bilinear/box/nearest, OpenCV's area, or "
+            "kohya (area when shrinking, lanczos when enlarging, as sd-scripts). Default: lanczos; kohya with "
+            "--format kohya.",
+            show_default=False,
+        ),
+    ] = None,
     format: Annotated[
         CacheFormat, typer.Option("--format", help="sdtool (mean+std, fingerprinted) or kohya npz.")
     ] = CacheFormat.sdtool,
+    kohya_name: Annotated[
+        KohyaName,
+        typer.Option(
+            "--kohya-name",
+            help="With --format kohya, the name the kohya script you run looks for: sd = <stem>_WxH_sd.npz "
+            "(train_network.py, train_textual_inversion.py, train_control_net.py, tools/cache_latents.py); "
+            "sdxl = <stem>_WxH_sdxl.npz (fine_tune.py, train_db.py and the sdxl_* scripts, for SD1/2 too).",
+        ),
+    ] = KohyaName.sd,
     cache_dir: Annotated[
         Path | None,
         typer.Option("--cache-dir", help="Where sdtool-format entries go (default: <META stem>.latents/ beside META)."),
@@ -100,6 +124,13 @@ def command(
     from sdtool.console import Output, SkipReporter, mute_secondary_process
     from sdtool.launch import process_rank
 
+    interpolation = resize_interpolation.value if resize_interpolation else _default_interpolation(format)
+    suffix = f"_{kohya_name.value}.npz"
+    if kohya_name != KohyaName.sd and format != CacheFormat.kohya:
+        from sdtool.errors import UsageError
+
+        raise UsageError("--kohya-name only names kohya-format files", hint="add --format kohya or drop --kohya-name")
+
     if process_rank() != 0:
         mute_secondary_process()  # under torchrun / accelerate launch rank 0 reports for all (errors still show)
     if status:
@@ -120,8 +151,9 @@ def command(
                 image_dir,
                 cache_dir,
                 format.value,
+                suffix,
                 flip_aug,
-                resize_interpolation.value,
+                interpolation,
                 precision.value if precision else None,
                 json_lines,
                 strict,
@@ -139,10 +171,11 @@ def command(
 
     options = CacheOptions(
         fmt=format.value,
+        kohya_suffix=suffix,  # type: ignore[arg-type]
         cache_dir=cache_dir,
         flip_aug=flip_aug,
         batch_size=batch_size,
-        interpolation=resize_interpolation.value,
+        interpolation=interpolation,
         precision=precision.value if precision else None,
         device=device,
         workers=workers,
@@ -209,6 +242,11 @@ def _text_outputs(
         raise StrictModeError(f"{summary.missing} captions have no text-encoder outputs", hint="run sdtool cache")
 
 
+def _default_interpolation(fmt: CacheFormat) -> str:
+    """kohya-format files follow kohya's resize rule, so both programs cache the same latents; native ones Lanczos."""
+    return Interpolation.kohya.value if fmt == CacheFormat.kohya else Interpolation.lanczos.value
+
+
 def _print_status(
     metadata: Path,
     model: str | None,
@@ -216,6 +254,7 @@ def _print_status(
     image_dir: Path | None,
     cache_dir: Path | None,
     fmt: str,
+    kohya_suffix: str,
     flip_aug: bool,
     interpolation: str,
     precision: str | None,
@@ -242,6 +281,7 @@ def _print_status(
         image_dir=image_dir,
         cache_dir=cache_dir,
         fmt=fmt,  # type: ignore[arg-type]
+        kohya_suffix=kohya_suffix,  # type: ignore[arg-type]
         vae=fingerprint,
         flip_aug=flip_aug,
         interpolation=interpolation,

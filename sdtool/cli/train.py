@@ -85,14 +85,15 @@ def command(
         from sdtool.console import info
 
         if cfg.train.cache_latents:
-            from sdtool.train.dataset import cache_problems, training_vae_fingerprint
+            where = "to the cache folder" if cfg.train.cache_latents_to_disk else "in memory"
+            n = len(plan.to_encode)
+            info(f"cached latents: {len(plan.items) - n} ok, {n} to encode {where} before the first step")
+            from rich.markup import escape
 
-            t = cfg.train
-            missing, stale = cache_problems(
-                plan.items, plan.subsets, training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
-            )
-            ok = len(plan.items) - len(missing) - len(stale)
-            info(f"cached latents: {ok} ok, {len(missing)} missing, {len(stale)} stale")
+            from sdtool.console import debug
+
+            for item, why in plan.to_encode:
+                debug(escape(f"  to encode: {item.image} ({why})"))
         memory = estimate_memory(cfg)
         info("memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
         info("dry run: nothing trained")

@@ -37,7 +37,8 @@ max_train_steps = {steps}
 seed = 42
 max_token_length = 225          # long prompts: three 75-token chunks
 clip_skip = 2                   # the penultimate CLIP layer
-cache_latents = true            # read what `sdtool cache` wrote
+cache_latents = true            # train on the latents `sdtool cache` wrote (anything missing is encoded first)
+cache_latents_to_disk = true    # … into the same cache folder, where `sdtool cache --status` sees it
 gradient_checkpointing = true
 max_data_loader_n_workers = 0
 

@@ -19,6 +19,7 @@ from sdtool.errors import ModelError, UsageError
 from sdtool.fsutil import atomic_path
 from sdtool.models.families.base import ModelFamily
 from sdtool.models.loading import SDModel
+from sdtool.models.torch_file import save_torch_file
 
 SingleFileFormat = Literal["safetensors", "ckpt"]
 # The single-file format each writable extension stands for.
@@ -141,11 +142,10 @@ def save_single_file(
     e.g. to write a U-Net-only file) and optionally `ldm_extras`. `dtype` casts every float tensor (None keeps
     each tensor's own). `metadata` goes into the safetensors header (build it with `modelspec_metadata`); a `.ckpt`
     is a plain `{"state_dict": …}` (plus `ckpt_extra` ints such as epoch / global_step), loadable with
-    `torch.load(weights_only=True)`. Families that mark v-prediction in the weights (SDXL, as ComfyUI reads it)
-    get the marker keys; `zero_terminal_snr` None takes it from an SDModel's scheduler config.
+    `torch.load(weights_only=True)` and by A1111's safe loader (`sdtool.models.torch_file`). Families that mark
+    v-prediction in the weights (SDXL, as ComfyUI reads it) get the marker keys; `zero_terminal_snr` None takes it
+    from an SDModel's scheduler config.
     """
-    import torch
-
     path = Path(path)
     kind = single_file_format(path, fmt)
     encoder_names = [part.encoder for part in family.text_parts]
@@ -171,15 +171,14 @@ def save_single_file(
         raise ModelError("nothing to save: no U-Net, VAE or text encoder given")
     state_dict.update(family.ldm_markers(v_prediction, bool(zero_terminal_snr)))
     state_dict = _finalize(state_dict, dtype)
-    with atomic_path(path) as tmp:
-        if kind == "safetensors":
-            from safetensors.torch import save_file
+    if kind == "ckpt":
+        payload: dict[str, Any] = {"state_dict": state_dict}
+        payload.update({k: int(v) for k, v in (ckpt_extra or {}).items()})
+        return save_torch_file(payload, path)
+    from safetensors.torch import save_file
 
-            save_file(state_dict, str(tmp), metadata=dict(metadata or {}))
-        else:
-            payload: dict[str, Any] = {"state_dict": state_dict}
-            payload.update({k: int(v) for k, v in (ckpt_extra or {}).items()})
-            torch.save(payload, tmp)
+    with atomic_path(path) as tmp:
+        save_file(state_dict, str(tmp), metadata=dict(metadata or {}))
     return path
 
 

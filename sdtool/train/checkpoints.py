@@ -141,6 +141,7 @@ _FREE_KEYS = {
     "max_data_loader_n_workers",
     "persistent_data_loader_workers",
     "cache_latents_to_disk",
+    "vae_batch_size",  # how many images the VAE encodes at once before training; the latents are the same
     "gradient_checkpointing",
     "hypernetwork_multiplier",  # sampling strength only
     "hypernetwork_weights",  # the starting point; a state carries the hypernetwork's current weights

@@ -85,6 +85,7 @@ def _pair(value: Any) -> Size | None:
 
 def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRuntime]]:
     """Read every subset's metadata into items; missing images are skipped and named (never silently dropped)."""
+    from sdtool.cache.placement import displayed_bucket
     from sdtool.images import read_size
 
     items: list[TrainItem] = []
@@ -126,7 +127,10 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
                 bucket = _pair(entry.get("train_resolution")) if spec.enable_bucket else spec.resolution
                 if image_size is None and (bucket is None or entry.get("resized_size") is None):
                     try:
-                        image_size = read_size(path)
+                        if bucket is not None and spec.enable_bucket:  # kohya's metadata: check the orientation
+                            bucket, image_size = displayed_bucket(path, bucket)
+                        else:
+                            image_size = read_size(path)
                     except ImageError as exc:
                         skipped(path, exc.reason)
                         continue
@@ -161,12 +165,15 @@ def missing_original_sizes(items: list[TrainItem], subsets: list[SubsetRuntime])
     ]
 
 
-def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list[TrainItem]:
+def drop_undecodable(
+    items: list[TrainItem], workers: int | None = None, only: set[Path] | None = None
+) -> list[TrainItem]:
     """Decode every image once and drop (naming each) those that cannot be decoded, before training starts.
 
     Bucketing reads headers only, so a truncated JPEG or a PNG with broken pixel data gets into the metadata; found
     at its first batch it would stop a run hours in. Decoding up front costs one read per image (in threads: Pillow
-    releases the GIL while decoding) and keeps the plan (steps per epoch) true from the start.
+    releases the GIL while decoding) and keeps the plan (steps per epoch) true from the start. `only` limits the
+    check to those images (the ones whose latents are still to be encoded).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -179,13 +186,13 @@ def drop_undecodable(items: list[TrainItem], workers: int | None = None) -> list
             return exc.reason
         return None
 
-    paths = sorted({item.image for item in items})
+    paths = sorted({item.image for item in items if only is None or item.image in only})
     with ThreadPoolExecutor(max_workers=workers or min(8, usable_cpus())) as pool:
         problems = dict(zip(paths, pool.map(problem, paths), strict=True))
     for path, reason in problems.items():
         if reason is not None:
             skipped(path, reason)
-    kept = [item for item in items if problems[item.image] is None]
+    kept = [item for item in items if problems.get(item.image) is None]
     if not kept:
         raise SdtoolError("the dataset has no usable images", hint="every image failed to decode (named above)")
     return kept
@@ -238,6 +245,10 @@ class BucketBatchSampler:
             yield [(item, epoch, b, slot) for slot, item in enumerate(batch)]
 
 
+LatentMemory = dict[tuple[int, Path], Any]
+"""Latents encoded for this run only (cache_latents without cache_latents_to_disk): (subset, image) → CachedLatents."""
+
+
 class TrainDataset:
     """Samples for keys from BucketBatchSampler: processed caption plus cached latents or bucketed pixels, and the
     caption's text-encoder outputs when they are cached (`text_outputs`)."""
@@ -248,6 +259,7 @@ class TrainDataset:
         subsets: list[SubsetRuntime],
         seed: int,
         cached: bool,
+        memory: LatentMemory | None = None,
         text_outputs: TextOutputs | None = None,
     ):
         self.items = items
@@ -255,6 +267,7 @@ class TrainDataset:
         self.seed = seed
         self.cached = cached
         self.text_outputs = text_outputs
+        self.memory = memory or {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -273,7 +286,8 @@ class TrainDataset:
         if self.text_outputs is not None:
             sample.update(self.text_outputs.get(caption, sub.metadata_file))
         if self.cached:
-            latents = load_cached(item, sub).sample(flip, torch.Generator().manual_seed(seed))
+            entry = self.memory.get((item.subset, item.image)) or load_cached(item, sub)
+            latents = entry.sample(flip, torch.Generator().manual_seed(seed))
             return {**sample, "latents": latents.float()}
         from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
 
@@ -341,20 +355,31 @@ def load_cached(item: TrainItem, sub: SubsetRuntime, expected_vae: str | None = 
     )
 
 
+def unusable_latents(
+    items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None
+) -> list[tuple[TrainItem, Any]]:
+    """Items whose cached latents cannot be used, each with the LatentCacheError saying why (reads headers only)."""
+    from sdtool.cache.entry import LatentCacheError
+
+    unusable = []
+    for item in items:
+        try:
+            load_cached(item, subsets[item.subset], expected_vae)
+        except LatentCacheError as exc:
+            unusable.append((item, exc))
+    return unusable
+
+
 def cache_problems(
     items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None
 ) -> tuple[list[str], list[str]]:
     """(missing, stale): one line per image whose cached latents cannot be used (reads entry headers only)."""
     from sdtool.cache.entry import MissingLatentsError
 
-    missing, stale = [], []
-    for item in items:
-        try:
-            load_cached(item, subsets[item.subset], expected_vae)
-        except MissingLatentsError as exc:
-            missing.append(exc.one_line())
-        except SdtoolError as exc:
-            stale.append(exc.one_line())
+    missing: list[str] = []
+    stale: list[str] = []
+    for _, exc in unusable_latents(items, subsets, expected_vae):
+        (missing if isinstance(exc, MissingLatentsError) else stale).append(exc.one_line())
     return missing, stale
 
 
@@ -369,11 +394,21 @@ def training_vae_fingerprint(vae: str | None, model: str) -> str | None:
         return None
 
 
-def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None = None) -> None:
-    """Refuse to start when any latent is missing or stale: every such image is named, then one error (exit 1)."""
+def check_cache(
+    items: list[TrainItem],
+    subsets: list[SubsetRuntime],
+    expected_vae: str | None = None,
+    memory: LatentMemory | None = None,
+) -> None:
+    """Refuse to start when any latent is missing or stale: every such image is named, then one error (exit 1).
+
+    The last check before the first step, after `cache_latents` encoded what was missing (`memory` holds what it
+    kept in memory): anything still unusable here could not be encoded.
+    """
     from sdtool.console import error_line
 
-    missing, stale = cache_problems(items, subsets, expected_vae)
+    on_disk = [item for item in items if (item.subset, item.image) not in (memory or {})]
+    missing, stale = cache_problems(on_disk, subsets, expected_vae)
     if missing or stale:
         for line in missing + stale:
             error_line(line)
@@ -382,7 +417,7 @@ def check_cache(items: list[TrainItem], subsets: list[SubsetRuntime], expected_v
         raise SdtoolError(
             f"{len(missing) + len(stale)} of {len(items)} images have no usable cached latents "
             f"({len(missing)} missing, {len(stale)} stale), named above",
-            hint=f"run sdtool cache {metas} --model MODEL{flip} (or set cache_latents = false)",
+            hint=f"run sdtool cache {metas} --model MODEL{flip}, or set cache_latents = false",
         )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtool.console import info, print_table
@@ -20,6 +20,8 @@ from sdtool.train.dataset import (
     drop_undecodable,
     load_items,
     missing_original_sizes,
+    training_vae_fingerprint,
+    unusable_latents,
 )
 from sdtool.train.distributed import world_size
 
@@ -37,6 +39,10 @@ class Plan:
     epochs: int
     seed: int
     processes: int = 1  # data-parallel processes; each global batch is split between them (distributed.py)
+    # cache_latents: the items whose latents are missing or stale (with why), encoded before the first step, and the
+    # fingerprint of the VAE training encodes with (None when it cannot be read)
+    to_encode: list[tuple[TrainItem, str]] = field(default_factory=list)
+    vae_fingerprint: str | None = None
 
 
 def make_plan(cfg: ResolvedConfig) -> Plan:
@@ -53,8 +59,17 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
         problems = missing_original_sizes(items, subsets)
         if problems:
             raise ConfigError(problems, hint=f"fix {cfg.path}")
+    to_encode: list[tuple[TrainItem, str]] = []
+    fingerprint = None
     if not t.cache_latents:
-        items = drop_undecodable(items)  # the cache already skipped them; here a bad image would stop the run
+        items = drop_undecodable(items)  # found at its first batch, a bad image would stop the run
+    else:
+        fingerprint = training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
+        to_encode = [(item, exc.reason) for item, exc in unusable_latents(items, subsets, fingerprint)]
+        if to_encode:  # usable cache entries were made from decodable images; the others are checked now
+            items = drop_undecodable(items, only={item.image for item, _ in to_encode})
+            kept = {item.image for item in items}
+            to_encode = [(item, why) for item, why in to_encode if item.image in kept]
     processes = world_size()
     # Global batches: batch_size per process, so steps per epoch shrink as processes are added.
     sampler = BucketBatchSampler(items, subsets, [d.batch_size * processes for d in cfg.datasets], seed)
@@ -62,7 +77,9 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
     steps_per_epoch = math.ceil(batches / t.gradient_accumulation_steps)
     total = t.max_train_epochs * steps_per_epoch if t.max_train_epochs else t.max_train_steps
     epochs = math.ceil(total / steps_per_epoch)
-    return Plan(items, subsets, sampler, batches, steps_per_epoch, total, epochs, seed, processes)
+    return Plan(
+        items, subsets, sampler, batches, steps_per_epoch, total, epochs, seed, processes, to_encode, fingerprint
+    )
 
 
 def print_plan(cfg: ResolvedConfig, plan: Plan) -> None:

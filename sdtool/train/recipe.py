@@ -77,7 +77,7 @@ class FineTuneRecipe:
         from accelerate import Accelerator
 
         from sdtool.runtime import quiet_third_party, torch_dtype
-        from sdtool.train.dataset import Collate, TrainDataset, check_cache, training_vae_fingerprint
+        from sdtool.train.dataset import Collate, TrainDataset, check_cache
         from sdtool.train.distributed import accelerator_options, make_loader, prepare_for_backend
         from sdtool.train.loss import DiffusionObjective, LossOptions
         from sdtool.train.optim import (
@@ -90,6 +90,7 @@ class FineTuneRecipe:
 
         quiet_third_party()
         t = self.t
+        self.cached = t.cache_latents
         torch.manual_seed(self.plan.seed)
         self.accelerator = acc = Accelerator(
             mixed_precision=t.mixed_precision,
@@ -105,10 +106,14 @@ class FineTuneRecipe:
             from sdtool.train.hypernetwork.training import check_backend
 
             check_backend(acc)
-        self.cached = t.cache_latents
+        memory: dict[Any, Any] = {}
+        if self.cached and self.plan.to_encode:
+            # Under several processes the encoding shares accelerate's process group (latent_cache.py).
+            from sdtool.train.latent_cache import encode_missing_latents
+
+            memory = encode_missing_latents(self.cfg, self.plan)
         if self.cached:
-            vae_id = training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
-            check_cache(self.plan.items, self.plan.subsets, vae_id)
+            check_cache(self.plan.items, self.plan.subsets, self.plan.vae_fingerprint, memory)
 
         model = self._load_model()
         self.model = model
@@ -174,7 +179,7 @@ class FineTuneRecipe:
         )
 
         text_outputs = self._cache_text_outputs(encoders) if t.cache_text_encoder_outputs else None
-        dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached, text_outputs)
+        dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached, memory, text_outputs)
         workers = min(t.max_data_loader_n_workers, usable_cpus())
         collate = Collate(family, model.tokenizers, t.max_token_length)
         persistent = t.persistent_data_loader_workers and workers > 0

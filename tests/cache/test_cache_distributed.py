@@ -41,7 +41,8 @@ def _dataset(root: Path) -> Path:
 
 
 def _run(args: list, processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     if processes == 1:
@@ -87,6 +88,7 @@ def test_two_ranks_write_each_entry_once_identical_to_one_process(tmp_path, tiny
 
 
 def test_two_ranks_kohya_and_status_once(tmp_path, tiny_v1):
+    pytest.importorskip("cv2")  # kohya's resize rule uses OpenCV (a dependency; a venv older than it lacks it)
     meta = _dataset(tmp_path)
     args = ["--model", tiny_v1, "--batch-size", 2, "--format", "kohya", "--device", "cpu", "--json"]
     r = _run(["cache", meta, *args], 2)

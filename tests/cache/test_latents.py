@@ -70,6 +70,28 @@ def test_placement_reads_the_header_when_image_size_is_absent(tmp_path):
     assert placement_from_entry({"train_resolution": [64, 48]}, path).original_size == (96, 64)
 
 
+def test_kohya_metadata_of_a_rotated_photo_gets_the_upright_bucket_with_a_warning(tmp_path, capsys):
+    """kohya never applies EXIF orientation: its metadata (no image_size) buckets a 400x200 grid shown as 200x400
+    into 704x320, which would keep 23 % of the upright picture. The bucket is turned, and the file named."""
+    from sdtool.bucket.algorithm import BucketSettings, select_bucket
+
+    path = imagegen.save_exif_rotated(tmp_path / "photo.jpg", 400, 200)  # stored 400x200, displayed 200x400
+    kohya_bucket = select_bucket(400, 200, BucketSettings()).bucket  # what kohya computes from the stored size
+    assert kohya_bucket == (704, 320)
+    placement = placement_from_entry({"caption": "x", "train_resolution": list(kohya_bucket)}, path)
+    assert placement.bucket == (320, 704) and placement.original_size == (200, 400)
+    kept = placement.bucket[0] * placement.bucket[1] / (placement.resized[0] * placement.resized[1])
+    assert kept > 0.9
+    err = capsys.readouterr().err
+    assert "photo.jpg" in err and "using the bucket 320x704" in err and "EXIF" in err
+    # an upright photo, an image with image_size, and a bucket that already fits are left alone, silently
+    upright = imagegen.save_rgb(tmp_path / "upright.png", 400, 200)
+    assert placement_from_entry({"train_resolution": [704, 320]}, upright).bucket == (704, 320)
+    assert placement_from_entry({"image_size": [200, 400], "train_resolution": [320, 704]}, path).bucket == (320, 704)
+    assert placement_from_entry({"train_resolution": [320, 704]}, path).bucket == (320, 704)
+    assert capsys.readouterr().err == ""
+
+
 def test_missing_train_resolution_is_a_usage_error(tmp_path):
     meta = tmp_path / "m.json"
     meta.write_text(json.dumps({"a.png": {"image_size": [64, 64]}, "b.png": entry(64, 64, 64, 64)}))

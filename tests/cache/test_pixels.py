@@ -38,3 +38,50 @@ def test_changed_image_size_is_refused(tmp_path):
     path = imagegen.save_rgb(tmp_path / "x.png", 300, 200)
     with pytest.raises(ImageError, match="metadata says"):
         load_bucketed_pixels(path, (96, 64), (64, 64), expected_size=(200, 300))
+
+
+# --- kohya's resize rule (issue 18) ------------------------------------------------------------------------------
+# (size, resized, bucket): shrinking on both sides (area), enlarging (Lanczos), one side each way (Lanczos, as in
+# kohya's `width >= resized_width and height >= resized_height` test), an integer factor (OpenCV's fast area path),
+# and no resize at all.
+KOHYA_CASES = [
+    ((300, 200), (96, 64), (64, 64)),
+    ((40, 30), (86, 64), (64, 64)),
+    ((120, 50), (154, 64), (128, 64)),
+    ((256, 128), (128, 64), (128, 64)),
+    ((64, 64), (64, 64), (64, 64)),
+    ((1000, 667), (577, 385), (576, 384)),
+]
+
+
+@pytest.mark.parametrize(("size", "resized", "bucket"), KOHYA_CASES)
+def test_kohya_rule_gives_kohyas_pixels_bit_for_bit(tmp_path, size, resized, bucket):
+    pytest.importorskip("cv2")  # kohya's area filter is OpenCV's (opencv-python-headless is a dependency)
+    from tests.cache import kohya_oracle
+
+    path = imagegen.save_rgb(tmp_path / "x.png", *size, seed=3)
+    ours = load_bucketed_pixels(path, resized, bucket, "kohya", expected_size=size)
+    theirs, _, _ = kohya_oracle.trim_and_resize_if_required(False, kohya_oracle.load_image(path), bucket, resized)
+    assert ours.shape == theirs.shape and np.array_equal(ours, theirs)
+    # and to the tensor kohya's IMAGE_TRANSFORMS makes of them, bit for bit
+    assert np.array_equal(to_tensor(ours).numpy(), kohya_oracle.image_transforms(theirs).numpy())
+
+
+def test_area_is_opencvs_area_filter(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    path = imagegen.save_rgb(tmp_path / "x.png", 301, 207, seed=5)
+    ours = load_bucketed_pixels(path, (101, 70), (96, 64), "area")
+    resized = cv2.resize(np.asarray(Image.open(path).convert("RGB")), (101, 70), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(ours, resized[3:67, 2:98])
+    lanczos = load_bucketed_pixels(path, (101, 70), (96, 64), "lanczos")
+    assert not np.array_equal(ours, lanczos)  # the reason for following kohya's rule: the filters differ
+
+
+def test_kohya_aliases_and_unknown_names(tmp_path):
+    path = imagegen.save_rgb(tmp_path / "x.png", 300, 200)
+    assert np.array_equal(
+        load_bucketed_pixels(path, (96, 64), (64, 64), "linear"),
+        load_bucketed_pixels(path, (96, 64), (64, 64), "bilinear"),
+    )
+    with pytest.raises(ImageError, match="unknown interpolation"):
+        load_bucketed_pixels(path, (96, 64), (64, 64), "sinc")

@@ -118,8 +118,8 @@ train_data_dir = "{images}"
 resolution = "64,96"
 dataset_repeats = 2
 """
-    with pytest.raises(ConfigError, match="resolution"):
-        load_config(write_config(tmp_path / "old.toml", old))  # kohya's "W,H" string is a CLI form, not TOML
+    cfg = load_config(write_config(tmp_path / "old.toml", old))  # kohya's "W,H" string, as its configs need
+    assert cfg.datasets[0].resolution == (64, 96)
     cfg = load_config(write_config(tmp_path / "old.toml", old.replace('"64,96"', "[64, 96]")))
     assert cfg.datasets[0].resolution == (64, 96)
     assert cfg.datasets[0].subsets[0].options["num_repeats"] == 2
@@ -158,7 +158,12 @@ def test_every_problem_is_reported_at_once(tmp_path, tiny_v1, dataset):
     [
         ("resume=state", "resume: "),
         ("wandb_api_key=abc", "wandb_api_key: kohya option not supported by sdtool (a key in a config file"),
-        ("vae_batch_size=4", "vae_batch_size: kohya option not supported by sdtool (latents are encoded by sdtool"),
+        ("vae_batch_size=0", "vae_batch_size: "),
+        ("vae_batch_size=4", "vae_batch_size: only used by cache_latents"),
+        ("skip_cache_check=true", "skip_cache_check: kohya option not supported by sdtool (sdtool checks every"),
+        ("color_aug=true", "color_aug: kohya option not supported"),
+        ("general.resolution='512x512'", 'general.resolution: expected a size or "width,height"'),
+        ("resolution='64,64,64'", 'resolution: expected a size or "width,height"'),
         ("save_last_n_steps=3", "save_last_n_steps: needs save_every_n_steps"),
         ("offload_ema=true", "offload_ema: needs use_ema = true"),
         ("ema_decay=1.0", "ema_decay: "),
@@ -251,3 +256,174 @@ def test_readme_example_config_uses_only_known_keys():
     keys |= set(re.findall(r"^\s*# ?(\w+) = ", block, flags=re.MULTILINE))
     assert "save_every_n_steps" in keys and "use_ema" in keys
     assert keys - (TOP_KEYS | GENERAL_KEYS | SUBSET_KEYS) == set()
+
+
+# --- kohya configs run unchanged (issue 18) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("top", "general", "level", "expected"),
+    [
+        ('"64,96"', None, None, (64, 96)),  # kohya's --config_file form (train_util.prepare_dataset_args splits it)
+        ('"64"', None, None, (64, 64)),
+        ("64", None, None, (64, 64)),
+        (None, '"96, 64"', None, (96, 64)),  # kohya accepts spaces: int(" 64")
+        (None, "[96, 64]", None, (96, 64)),  # kohya's dataset-config forms: an int or [W, H]
+        (None, None, '"128,64"', (128, 64)),
+        (None, "64", "[64, 128]", (64, 128)),  # the dataset wins over [general]
+    ],
+)
+def test_resolution_in_every_kohya_form_at_every_level(tmp_path, tiny_v1, dataset, top, general, level, expected):
+    images, meta = dataset
+    text = f'pretrained_model_name_or_path = "{tiny_v1}"\noutput_dir = "out"\n'
+    if top is not None:
+        text += f"resolution = {top}\n"
+    if general is not None:
+        text += f"[general]\nresolution = {general}\n"
+    text += "[[datasets]]\n" + (f"resolution = {level}\n" if level is not None else "")
+    text += f'  [[datasets.subsets]]\n  metadata_file = "{meta}"\n  image_dir = "{images}"\n'
+    cfg = load_config(write_config(tmp_path / "c.toml", text))
+    assert cfg.datasets[0].resolution == expected
+
+
+# kohya's parser definitions of the keys sdtool refuses (sd-scripts 48d368fa; fine_tune.py setup_parser and the
+# add_*_arguments it calls), written out here as the oracle for sdtool's table of no-op values.
+KOHYA_PARSER = {
+    "weighted_captions": ("store_true", False),
+    "token_warmup_min": ("int", 1),
+    "token_warmup_step": ("float", 0),
+    "enable_wildcard": ("store_true", False),
+    "color_aug": ("store_true", False),
+    "random_crop": ("store_true", False),
+    "face_crop_aug_range": ("str", None),
+    "alpha_mask": ("store_true", False),
+    "dataset_class": ("str", None),
+    "debug_dataset": ("store_true", False),
+    "skip_cache_check": ("store_true", False),
+    "caption_extention": ("str", None),
+    "torch_compile": ("store_true", False),
+    "dynamo_backend": ("str", "inductor"),
+    "ddp_timeout": ("int", None),
+    "ddp_gradient_as_bucket_view": ("store_true", False),
+    "ddp_static_graph": ("store_true", False),
+    "lowram": ("store_true", False),
+    "highvram": ("store_true", False),
+    "fp8_base": ("store_true", False),
+    "huggingface_repo_id": ("str", None),
+    "huggingface_repo_type": ("str", None),
+    "huggingface_path_in_repo": ("str", None),
+    "huggingface_token": ("str", None),
+    "huggingface_repo_visibility": ("str", None),
+    "save_state_to_huggingface": ("store_true", False),
+    "resume_from_huggingface": ("store_true", False),
+    "async_upload": ("store_true", False),
+    "wandb_api_key": ("str", None),
+    "config_file": ("str", None),
+    "output_config": ("store_true", False),
+    "tokenizer_cache_dir": ("str", None),
+    "metadata_thumbnail": ("str", None),
+    "metadata_merged_from": ("str", None),
+    "metadata_preprocessor": ("str", None),
+    "metadata_is_negative_embedding": ("str", None),
+    "console_log_level": ("str", None),
+    "console_log_file": ("str", None),
+    "console_log_simple": ("store_true", False),
+    "lr_scheduler_type": ("str", ""),
+    "lr_scheduler_args": ("str*", None),
+    "lr_decay_steps": ("int_or_float", 0),
+    "lr_scheduler_timescale": ("int", None),
+    "lr_scheduler_min_lr_ratio": ("float", None),
+    "fused_backward_pass": ("store_true", False),
+    "deepspeed": ("store_true", False),
+    "zero_stage": ("int", 2),
+    "offload_optimizer_device": ("str", None),
+    "offload_optimizer_nvme_path": ("str", None),
+    "offload_param_device": ("str", None),
+    "offload_param_nvme_path": ("str", None),
+    "zero3_init_flag": ("store_true", False),
+    "zero3_save_16bit_model": ("store_true", False),
+    "fp16_master_weights_and_gradients": ("store_true", False),
+    "v_pred_like_loss": ("float", None),
+    "diffusers_xformers": ("store_true", False),
+}
+
+
+def test_no_op_table_starts_from_kohyas_parser_defaults():
+    from sdtool.train.config.kohya_keys import KOHYA_DEFAULTS, UNSUPPORTED_KEYS
+
+    for key, (kind, default) in KOHYA_PARSER.items():
+        assert key in UNSUPPORTED_KEYS and key in KOHYA_DEFAULTS, key
+        values = KOHYA_DEFAULTS[key]
+        if default is None:  # TOML cannot write None: the blank of the option's type stands for it
+            blank = {"str": "", "str*": [], "int": 0, "float": 0}[kind]
+            assert not values or values[0] == blank, key
+        else:
+            assert values[0] == default and type(values[0]) is type(default), key
+
+
+def gui_config(tmp_path, tiny_v1, dataset, extra: str = "") -> Path:
+    """A kohya config with every refused key spelt out at its default, as GUIs write them."""
+    from sdtool.train.config.kohya_keys import KOHYA_DEFAULTS
+
+    spelt = {k: v[0] for k, v in KOHYA_DEFAULTS.items() if v}
+    spelt["dynamo_backend"] = "no"  # kohya_ss's GUI writes accelerate's "no"
+    lines = [f"{key} = {json_toml(value)}" for key, value in spelt.items() if key not in ("custom_attributes",)]
+    return kohya_config(tmp_path, tiny_v1, dataset, extra="\n".join(lines) + "\n" + extra)
+
+
+def json_toml(value):
+    import json
+
+    return "true" if value is True else "false" if value is False else json.dumps(value)
+
+
+def test_kohya_keys_at_their_default_are_accepted_and_named_at_v(cli, tmp_path, tiny_v1, dataset):
+    path = gui_config(tmp_path, tiny_v1, dataset)
+    load_config(path)  # no problem at all
+    result = cli("-v", "train", path, "--print-config")
+    assert result.exit_code == 0, result.stderr
+    for key in ("color_aug", "lowram", "token_warmup_min", "dynamo_backend", "lr_scheduler_args", "alpha_mask"):
+        assert f"{key} = " in result.stderr and "accepted, it does nothing in kohya either" in result.stderr, key
+    quiet = cli("train", path, "--print-config")
+    assert "accepted" not in quiet.stderr
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "color_aug=true",
+        "lowram=true",
+        "token_warmup_min=3",
+        "token_warmup_step=0.5",
+        "v_pred_like_loss=0.1",
+        "lr_scheduler_args=['T_max=3']",
+        "lr_scheduler_type='CosineAnnealingLR'",
+        "weighted_captions=true",
+        "huggingface_repo_id='me/model'",
+        "torch_compile=true",
+        "deepspeed=true",
+    ],
+)
+def test_kohya_keys_at_other_values_are_refused_by_name(tmp_path, tiny_v1, dataset, override):
+    key = override.split("=")[0]
+    problems = problems_of(gui_config(tmp_path, tiny_v1, dataset), [override])
+    assert any(p.startswith(f"{key}: kohya option not supported by sdtool") for p in problems), problems
+
+
+def test_dependent_keys_are_no_ops_while_their_key_is_off(tmp_path, tiny_v1, dataset):
+    path = kohya_config(tmp_path, tiny_v1, dataset, extra='dynamo_backend = "eager"\nzero_stage = 3\n')
+    load_config(path)  # torch_compile and deepspeed are off: these values change nothing in kohya either
+    problems = problems_of(path, ["torch_compile=true"])
+    assert any(p.startswith("dynamo_backend: kohya option not supported") for p in problems)
+
+
+def test_cache_latents_means_what_it_means_in_kohya(tmp_path, tiny_v1, dataset):
+    path = kohya_config(tmp_path, tiny_v1, dataset)
+    assert load_config(path, ["cache_latents=false"]).train.cache_latents is False
+    text = path.read_text().replace("cache_latents = false\n", "")
+    plain = write_config(tmp_path / "plain.toml", text)
+    assert load_config(plain).train.cache_latents is False  # kohya's default: the VAE encodes each step
+    assert load_config(plain, ["cache_latents_to_disk=true"]).train.cache_latents is True  # implies it, as in kohya
+    problems = problems_of(path, ["cache_latents_to_disk=true"])
+    assert any("cache_latents_to_disk: contradicts cache_latents = false" in p for p in problems)
+    assert load_config(plain, ["optimizer_type=''"]).train.optimizer_type == "AdamW"  # kohya's "" default

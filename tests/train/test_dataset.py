@@ -122,3 +122,20 @@ def test_sdxl_size_conditioning_is_original_crop_and_target_with_the_crop_mirror
     assert a.crop == (21, 0, 661, 384)
     assert size_conditioning(item, flipped=False) == [1080, 1920, 0, 21, 384, 640]
     assert size_conditioning(item, flipped=True) == [1080, 1920, 0, 683 - 661, 384, 640]
+
+
+def test_kohya_metadata_of_a_rotated_photo_trains_on_the_upright_bucket(tmp_path, tiny_v1, capsys):
+    """Training reads kohya's metadata as the cache does (cache/placement.displayed_bucket): a bucket made from the
+    stored grid of an EXIF-rotated photo is turned upright, and the file is named."""
+    from tests import imagegen
+
+    images = tmp_path / "d"
+    images.mkdir()
+    imagegen.save_exif_rotated(images / "photo.jpg", 400, 200)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"photo.jpg": {"caption": "a photo", "train_resolution": [704, 320]}}))
+    cfg = config_for(tmp_path, tiny_v1, meta, images)
+    (item,), _ = load_items(cfg.datasets)
+    assert item.bucket == (320, 704) and item.image_size == (200, 400)
+    assert item.resized == cover_resize((200, 400), (320, 704))[0]
+    assert "photo.jpg" in capsys.readouterr().err

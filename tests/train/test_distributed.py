@@ -230,6 +230,26 @@ def test_kohya_deepspeed_keys_point_to_the_accelerate_config(cli, tmp_path):
     text = config_text(
         model=tmp_path, out=tmp_path / "o", steps=1, images=images, meta=meta, precision="float", workers=0
     )
-    result = cli("train", write_config(tmp_path / "c.toml", text), "--set", "zero_stage=2", "--dry-run")
+    config = write_config(tmp_path / "c.toml", text)
+    result = cli("train", config, "--set", "deepspeed=true", "--set", "zero_stage=3", "--dry-run")
     assert result.exit_code == 2
-    assert "zero_stage" in result.stderr and "--accelerate-config" in result.stderr
+    assert "zero_stage" in result.stderr and "deepspeed" in result.stderr and "--accelerate-config" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_disk", [True, False])
+def test_two_gloo_processes_encode_missing_latents_before_training(tmp_path, tiny_v1, to_disk):
+    """cache_latents under torchrun: to disk the ranks share the encoding (each image once) before accelerate
+    starts; in memory every rank encodes what it trains on. Either way both ranks train to the end."""
+    config = _config(tmp_path, tiny_v1, "two", 1, steps=2)
+    extra = "cache_latents = true\n" + ("cache_latents_to_disk = true\n" if to_disk else "")
+    config.write_text(config.read_text().replace("cache_latents = false\n", extra))
+    two = _torchrun("train", config)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.strip() == str(tmp_path / "two" / "tuned.safetensors")
+    entries = sorted((tmp_path / "data" / "meta.latents").glob("*.safetensors"))
+    if to_disk:
+        assert len(entries) == 5 and "encoding 5 images in" in two.stderr and "2 processes" in two.stderr
+    else:
+        assert entries == [] and "kept in memory for this run" in two.stderr
+    assert two.stderr.count("no usable cached latents") == 1  # rank 0 alone reports

@@ -518,3 +518,56 @@ def test_options_validate_and_build(tiny, tmp_path):
     other = Hypernetwork([32, 768]).save(tmp_path / "other.pt")
     with pytest.raises(ConfigError, match=r"context width\(s\) \[64\]"):
         build_hypernetwork(unet, HypernetworkOptions(hypernetwork_weights=other))
+
+
+# --- what A1111 and ComfyUI load (issue 18) ------------------------------------------------------------------------
+
+# ComfyUI's `valid_activation` (comfy_extras/nodes_hypernetwork.py, load_hypernetwork_patch, commit 0323d874): any
+# other `activation_func`, None included, makes it log an error and leave the model unpatched.
+COMFYUI_VALID_ACTIVATIONS = {"linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish"}
+
+
+@pytest.mark.parametrize(("layer_structure", "activation", "layer_norm", "dropout", "prefixes"), LAYOUTS)
+def test_a1111_check_and_loader_read_every_layout_back_equal(
+    tmp_path, layer_structure, activation, layer_norm, dropout, prefixes
+):
+    from tests import a1111
+
+    hypernetwork = Hypernetwork([32, 64], layer_structure, activation, layer_norm, dropout)
+    _perturb(hypernetwork, scale=0.1)
+    path = hypernetwork.save(tmp_path / "my-style.v2.pt", step=9)
+    a1111.check_pt(path)  # A1111's modules/safe.py allow-list and restricted unpickler
+    layers, meta = a1111.load_hypernetwork(path)  # A1111's own layout and defaults, strict load_state_dict
+    assert meta == {"name": "my-style.v2", "step": 9}
+    assert sorted(layers) == [32, 64]
+    hypernetwork.eval()
+    for width, (k, v) in layers.items():
+        ours = hypernetwork.pair(width)
+        x = torch.randn(2, 5, width)
+        with torch.no_grad():
+            assert torch.equal(k(x), ours[0](x)) and torch.equal(v(x), ours[1](x))
+
+
+def test_a_file_without_activation_is_written_back_as_linear_for_comfyui(tmp_path):
+    hypernetwork = Hypernetwork([8], activation=None)
+    data = torch.load(hypernetwork.save(tmp_path / "none.pt"), weights_only=True)
+    assert data["activation_func"] == "linear"
+    assert data["activation_func"] in COMFYUI_VALID_ACTIVATIONS
+
+
+def test_activations_comfyui_cannot_load_are_warned_about(cli, tmp_path, tiny_v1):
+    from sdtool.train.hypernetwork.structure import COMFYUI_ACTIVATIONS, portability_warning
+
+    assert set(COMFYUI_ACTIVATIONS) == COMFYUI_VALID_ACTIVATIONS
+    for activation in ACTIVATIONS:
+        warning = portability_warning(activation)
+        assert (warning is None) == (activation in COMFYUI_VALID_ACTIVATIONS), activation
+    assert "ComfyUI" in portability_warning("gelu") and "AUTOMATIC1111" in portability_warning("gelu")
+
+    from tests.train.test_hypernetwork_train import config
+
+    for activation, warned in (("gelu", True), ("silu", True), ("mish", False), ("linear", False)):
+        path = config(tmp_path / activation, tiny_v1, "out", steps=1, extra=f'hypernetwork_activation = "{activation}"')
+        result = cli("train", path, "--print-config")
+        assert result.exit_code == 0, result.stderr
+        assert ("not in ComfyUI" in result.stderr) is warned, (activation, result.stderr)

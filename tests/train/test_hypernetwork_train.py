@@ -133,7 +133,11 @@ def test_hypernetwork_trains_on_a_frozen_model_and_writes_an_a1111_file(tmp_path
     assert all(m.training for m in recipe.hypernetwork.modules())
     assert remove_hypernetwork(recipe.model.unet) > 0
 
-    # A1111's structure, readable without unpickling code.
+    # A1111's structure, readable without unpickling code; A1111's own safe-loader check passes on every file.
+    from tests import a1111
+
+    for written in out_dir.glob("*.pt"):
+        a1111.check_pt(written)
     data = torch.load(out, weights_only=True)
     widths = [k for k in data if isinstance(k, int)]
     assert sorted(widths) == context_widths(fresh_unet)

@@ -265,15 +265,47 @@ def test_sdxl_chain_bucket_cache_train_convert_sample(cli, tmp_path, tiny_sdxl):
         save_rgb(images / f"i{i}.png", w, h, seed=i)
         (images / f"i{i}.caption").write_text(f"a photo of a red cat {i}")
     meta = tmp_path / "meta.json"
-    bucket = cli("bucket", images, "-o", meta, "--resolution", "64", "--min-bucket-reso", "64",
-                 "--max-bucket-reso", "128", "--bucket-reso-steps", "64")
+    bucket = cli(
+        "bucket",
+        images,
+        "-o",
+        meta,
+        "--resolution",
+        "64",
+        "--min-bucket-reso",
+        "64",
+        "--max-bucket-reso",
+        "128",
+        "--bucket-reso-steps",
+        "64",
+    )
     assert bucket.exit_code == 0, bucket.stderr
-    cache = cli("cache", meta, "--model", tiny_sdxl, "--device", "cpu", "--text-encoder-outputs",
-                "--max-token-length", "150", "--flip-aug")
+    cache = cli(
+        "cache",
+        meta,
+        "--model",
+        tiny_sdxl,
+        "--device",
+        "cpu",
+        "--text-encoder-outputs",
+        "--max-token-length",
+        "150",
+        "--flip-aug",
+    )
     assert cache.exit_code == 0, cache.stderr
     assert "text-encoder outputs: 4 captions, 4 encoded, 0 missing" in cache.stderr
-    status = cli("cache", meta, "--model", tiny_sdxl, "--status", "--text-encoder-outputs", "--max-token-length",
-                 "150", "--json", "--strict")
+    status = cli(
+        "cache",
+        meta,
+        "--model",
+        tiny_sdxl,
+        "--status",
+        "--text-encoder-outputs",
+        "--max-token-length",
+        "150",
+        "--json",
+        "--strict",
+    )
     assert status.exit_code == 0, status.stderr
     rows = [json.loads(line) for line in status.stdout.splitlines()]
     assert sum(r.get("kind") == "text_encoder_outputs" and r["status"] == "ok" for r in rows) == 4
@@ -283,7 +315,7 @@ def test_sdxl_chain_bucket_cache_train_convert_sample(cli, tmp_path, tiny_sdxl):
     prompts.write_text("a red cat --w 64 --h 64 --d 1 --s 2\n")
     text = f"""
 pretrained_model_name_or_path = "{tiny_sdxl}"
-output_dir = "{tmp_path / 'out'}"
+output_dir = "{tmp_path / "out"}"
 output_name = "xl"
 max_train_steps = 3
 max_token_length = 150

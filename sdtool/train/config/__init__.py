@@ -8,7 +8,8 @@ How a file is read (`load_config`):
   dataset → general → top-level key (kohya's argparse fall-back) → default (`datasets`).
 - `--set key=value` overrides: the value is parsed as a TOML literal, else taken as a string.
 - Every problem is collected and reported at once (ConfigError, exit 2) before any model loads: unknown keys get a
-  "did you mean", kohya keys sdtool does not implement are rejected by name (`kohya_keys`), types are checked
+  "did you mean", kohya keys sdtool does not implement are rejected by name unless written at a value that does
+  nothing (`kohya_keys`), kohya's string resolutions ("512,512") are read as sizes, types are checked
   strictly (pydantic, `schema`), paths must exist and keys that only work together are checked together (`checks`).
 """
 
@@ -23,6 +24,7 @@ from sdtool.models.families.base import ModelFamily
 from sdtool.train.config.checks import check_family, check_train
 from sdtool.train.config.datasets import read_dataset_tables, resolve_datasets
 from sdtool.train.config.files import check_keys, flatten, format_validation, parse_override, read_toml
+from sdtool.train.config.kohya_keys import drop_zero_offs
 from sdtool.train.config.schema import TOP_KEYS, ResolvedConfig, TrainConfig
 
 
@@ -40,6 +42,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Resolve
             flat[key] = value
     base = path.parent.absolute()
 
+    drop_zero_offs(flat)
     check_keys(flat, TOP_KEYS, "", problems)
     known = {k: v for k, v in flat.items() if k in TOP_KEYS}
     try:

@@ -48,6 +48,8 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     _check_long_run(cfg, base, problems)
     _check_model_flags(cfg, problems)
 
+    if cfg.optimizer_type == "":
+        cfg.optimizer_type = "AdamW"  # kohya's parser default "" means AdamW (or the legacy flags below)
     if cfg.use_8bit_adam or cfg.use_lion_optimizer:
         legacy = "AdamW8bit" if cfg.use_8bit_adam else "Lion"
         if cfg.use_8bit_adam and cfg.use_lion_optimizer:
@@ -109,8 +111,12 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         )
     if cfg.huber_schedule != "snr" and cfg.loss_type not in ("huber", "smooth_l1"):
         problems.append("huber_schedule: only used with loss_type huber or smooth_l1; remove it or set loss_type")
-    if not cfg.cache_latents and cfg.cache_latents_to_disk:
-        problems.append("cache_latents_to_disk: contradicts cache_latents = false; remove cache_latents_to_disk")
+    if cfg.cache_latents_to_disk:
+        if "cache_latents" in cfg.model_fields_set and not cfg.cache_latents:
+            problems.append("cache_latents_to_disk: contradicts cache_latents = false; remove one of the two")
+        cfg.cache_latents = True  # as kohya: caching to disk is caching
+    if cfg.vae_batch_size != 1 and not cfg.cache_latents:
+        problems.append("vae_batch_size: only used by cache_latents (the VAE batch that encodes before training)")
 
 
 def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
@@ -232,9 +238,11 @@ def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> No
         if cfg.save_model_as == "pt":
             problems.append("save_model_as: 'pt' is the hypernetwork file format; it needs train_hypernetwork = true")
         return
+    from sdtool.console import warn
     from sdtool.errors import SdtoolError
     from sdtool.train.hypernetwork.network import Hypernetwork
     from sdtool.train.hypernetwork.options import options_problems
+    from sdtool.train.hypernetwork.structure import portability_warning
     from sdtool.train.hypernetwork.training import options_from
 
     if cfg.train_text_encoder:
@@ -264,21 +272,24 @@ def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> No
     except ValidationError as exc:
         format_validation(exc, "", problems)
         return
-    if options.hypernetwork_weights is None:
-        return
-    try:
-        loaded = Hypernetwork.load(options.hypernetwork_weights)
-    except SdtoolError as exc:
-        problems.append(f"hypernetwork_weights: {exc.one_line()}")
-        return
-    contradictions = options_problems(loaded, options)
-    problems.extend(contradictions)
-    if not contradictions:
+    if options.hypernetwork_weights is not None:
+        try:
+            loaded = Hypernetwork.load(options.hypernetwork_weights)
+        except SdtoolError as exc:
+            problems.append(f"hypernetwork_weights: {exc.one_line()}")
+            return
+        contradictions = options_problems(loaded, options)
+        problems.extend(contradictions)
+        if contradictions:
+            return
         # The file's structure wins; the resolved config (--print-config, the state's record) says what it is.
         cfg.hypernetwork_layer_structure = [float(x) for x in loaded.layer_structure]
         cfg.hypernetwork_activation = loaded.activation or "linear"
         cfg.hypernetwork_layer_norm = loaded.layer_norm
         cfg.hypernetwork_dropout = list(loaded.dropout_structure)
+    portability = portability_warning(cfg.hypernetwork_activation)
+    if portability:
+        warn(portability)
 
 
 def _check_samples(cfg: TrainConfig, prompts: Path, problems: list[str]) -> None:

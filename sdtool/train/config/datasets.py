@@ -24,13 +24,18 @@ from sdtool.train.config.schema import (
     GeneralLevel,
     SubsetLevel,
     SubsetSpec,
+    kohya_resolution,
 )
 
 
-def _resolution(value: int | list[int], where: str, problems: list[str]) -> tuple[int, int]:
+def _resolution(value: int | list[int] | str, where: str, problems: list[str]) -> tuple[int, int]:
+    try:
+        value = kohya_resolution(value)
+    except ValueError:
+        return (512, 512)  # already reported by the level's validation
     if isinstance(value, int):
         value = [value, value]
-    if len(value) != 2 or any(v < 64 for v in value):
+    if not isinstance(value, list) or len(value) != 2 or any(not isinstance(v, int) or v < 64 for v in value):
         problems.append(f"{where}resolution: expected a size ≥ 64 or [width, height] (got {value!r})")
         return (512, 512)
     return (value[0], value[1])

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from rich.markup import escape
 
 from sdtool.errors import ConfigError
-from sdtool.train.config.kohya_keys import UNSUPPORTED_KEYS
+from sdtool.train.config.kohya_keys import UNSUPPORTED_KEYS, is_noop
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,9 +67,17 @@ def flatten(raw: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], d
 
 
 def check_keys(
-    keys: Any, allowed: set[str], where: str, problems: list[str], misplaced: dict[str, str] | None = None
+    values: dict[str, Any],
+    allowed: set[str],
+    where: str,
+    problems: list[str],
+    misplaced: dict[str, str] | None = None,
 ) -> None:
-    for key in keys:
+    """Every key of `values` that is not `allowed` is a problem, except a kohya key at a value that does nothing
+    (`kohya_keys.is_noop`), which is accepted and named at -v."""
+    from sdtool.console import debug
+
+    for key, value in values.items():
         if key in allowed:
             continue
         label = f"{where}{key}"
@@ -76,6 +85,11 @@ def check_keys(
             problems.append(f"{label}: unknown key here ({misplaced[key]})")
             continue
         if key in UNSUPPORTED_KEYS:
+            if is_noop(key, value, values):
+                shown = json.dumps(value, ensure_ascii=False, default=str)
+                debug(escape(f"{label} = {shown}: accepted, it does nothing in kohya either ({UNSUPPORTED_KEYS[key]})"))
+                continue
+            # The value is not repeated: it may be a secret (huggingface_token, wandb_api_key).
             problems.append(f"{label}: kohya option not supported by sdtool ({UNSUPPORTED_KEYS[key]})")
             continue
         close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
@@ -88,7 +102,7 @@ def format_validation(exc: ValidationError, prefix: str, problems: list[str]) ->
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
         key = loc[0] if loc else "?"
-        msg = error["msg"]
+        msg = error["msg"].removeprefix("Value error, ")
         if error["type"] == "missing":
             msg = "required key is missing"
         elif error["type"] == "literal_error":

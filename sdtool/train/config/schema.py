@@ -11,9 +11,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 OPTIMIZERS = {
     "adamw": "AdamW",
@@ -37,10 +37,32 @@ LR_SCHEDULERS = (
 )
 
 
-INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")
+# kohya's names, plus "kohya": kohya's own rule (area when shrinking, Lanczos when enlarging); see cache/pixels.py.
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box", "kohya")
 
 
 SAVE_FORMATS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors", "pt")  # pt: hypernetwork runs only
+
+
+def kohya_resolution(value: Any) -> Any:
+    """kohya's `resolution` string ("512" or "width,height", spaces allowed) as an int or [W, H]; others unchanged.
+
+    kohya's `--config_file` keeps TOML values as they are and then splits the string (train_util
+    `prepare_dataset_args`: `tuple(int(r) for r in args.resolution.split(","))`), so its configs must write
+    `resolution = "512,512"`; its dataset configs take an int or [W, H]. sdtool takes all three forms everywhere.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        sizes = [int(part) for part in value.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        raise ValueError(f'expected a size or "width,height", e.g. "512" or "768,512" (got {value!r})')
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+Resolution = Annotated[int | list[int], BeforeValidator(kohya_resolution)]
 
 
 class _Strict(BaseModel):
@@ -66,7 +88,7 @@ class CaptionOptions(_Strict):
 
 
 class BucketOptions(_Strict):
-    resolution: int | list[int] | None = None
+    resolution: Resolution | None = None
     batch_size: int | None = Field(None, ge=1)
     enable_bucket: bool | None = None
     min_bucket_reso: int | None = Field(None, ge=64)
@@ -137,8 +159,11 @@ class TrainConfig(CaptionOptions, BucketOptions):
     in_json: str | None = None
     dataset_repeats: int | None = Field(None, ge=1)
     train_batch_size: int | None = Field(None, ge=1)
-    cache_latents: bool = True
+    # kohya's meaning: off, the VAE encodes every step; on, latents missing from the cache (or stale) are encoded
+    # before the first step, into the cache folder with cache_latents_to_disk, else kept in memory for the run.
+    cache_latents: bool = False
     cache_latents_to_disk: bool = False
+    vae_batch_size: int = Field(1, ge=1)
     # outputs
     output_dir: str
     output_name: str = "last"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from sdtool.errors import ConfigError, InputError
-from sdtool.fsutil import atomic_path
+from sdtool.models.torch_file import save_torch_file
 from sdtool.train.hypernetwork.structure import (
     DEFAULT_LAYER_STRUCTURE,
     WEIGHT_INITS,
@@ -143,7 +143,8 @@ class Hypernetwork(nn.Module):
             data[width] = [_plain_state_dict(k), _plain_state_dict(v)]
         data.update(
             layer_structure=list(self.layer_structure),
-            activation_func=self.activation,
+            # A1111 reads None as "linear", ComfyUI refuses None: "linear" is what both load.
+            activation_func=self.activation or "linear",
             is_layer_norm=self.layer_norm,
             weight_initialization=self.weight_init,
             use_dropout=self.use_dropout,
@@ -179,10 +180,7 @@ class Hypernetwork(nn.Module):
             self.sd_checkpoint_name = sd_checkpoint_name
         if sd_checkpoint is not None:
             self.sd_checkpoint = sd_checkpoint
-        data = self.file_dict()
-        with atomic_path(path) as tmp:
-            torch.save(data, tmp)
-        return path
+        return save_torch_file(self.file_dict(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> Hypernetwork:

@@ -53,6 +53,22 @@ ACTIVATIONS: dict[str, type[nn.Module] | None] = {**_A1111_ACTIVATIONS, **_EXTRA
 """Activation name → module class (None: no activation). The first seven are A1111's documented choices."""
 
 
+# The activations ComfyUI's hypernetwork loader builds (comfy_extras/nodes_hypernetwork.py, `valid_activation`); for
+# any other name it logs "Unsupported Hypernetwork format" and leaves the model unpatched, without an error.
+COMFYUI_ACTIVATIONS = ("linear", "relu", "leakyrelu", "elu", "swish", "tanh", "sigmoid", "softsign", "mish")
+
+
+def portability_warning(activation: str | None) -> str | None:
+    """Why a file with this activation does not load everywhere (ComfyUI), or None when A1111 and ComfyUI load it."""
+    if activation is None or activation in COMFYUI_ACTIVATIONS:
+        return None
+    return (
+        f"hypernetwork activation {activation!r} loads in AUTOMATIC1111's web UI but not in ComfyUI, whose loader "
+        f"accepts only {', '.join(COMFYUI_ACTIVATIONS)} (it skips such a file with an error in its log); pick one of "
+        "those to share the file with ComfyUI users"
+    )
+
+
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 
