@@ -159,5 +159,6 @@ def test_sampling_and_training_encode_cleaned_prompts(tiny_v1):
         a = encode_prompts(model.tokenizer, model.text_encoder, ["a red cat &amp; a  dog"], 75)
         b = encode_prompts(model.tokenizer, model.text_encoder, ["a red cat & a dog"], 75)
     assert torch.equal(a, b)
-    batch = Collate(model.tokenizer, 75)([{"latents": torch.zeros(1), "caption": "a red cat &amp; a  dog"}])
-    assert torch.equal(batch["input_ids"], tokenize_chunks(model.tokenizer, ["a red cat & a dog"])[0])
+    sample = {"latents": torch.zeros(1), "caption": "a red cat &amp; a  dog", "time_ids": [0] * 6}
+    batch = Collate(model.family, model.tokenizers, 75)([sample])
+    assert torch.equal(batch["input_ids"][0], tokenize_chunks(model.tokenizer, ["a red cat & a dog"])[0])

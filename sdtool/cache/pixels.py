@@ -42,14 +42,18 @@ __all__ = ["INTERPOLATIONS", "KOHYA_RULE", "crop_ltrb", "load_bucketed_pixels", 
 
 
 def check_interpolation(interpolation: str) -> None:
-    """Raise before any work when `interpolation` needs a package that is missing (OpenCV for area / kohya)."""
-    if interpolation in ("area", KOHYA_RULE):
-        import importlib.util
+    """Raise before any work when `interpolation` needs a package that is missing (OpenCV for area / kohya).
 
-        if importlib.util.find_spec("cv2") is None:
+    OpenCV is imported here, on the calling thread, so the decoding threads find it loaded: two threads importing
+    it at once see a half-made module (`cv2.__spec__ is None`).
+    """
+    if interpolation in ("area", KOHYA_RULE):
+        try:
+            import cv2  # noqa: F401
+        except ImportError:
             raise MissingDependencyError(
                 "opencv-python-headless", f"resize interpolation {interpolation!r} (OpenCV's area filter, as kohya's)"
-            )
+            ) from None
 
 
 def _area_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
