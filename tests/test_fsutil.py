@@ -28,8 +28,7 @@ def test_failure_keeps_old_content_and_cleans_up(tmp_path):
 def test_folder_replacement(tmp_path):
     target = tmp_path / "model"
     for content in ("a", "b"):
-        with atomic_path(target) as tmp:
-            tmp.mkdir()
+        with atomic_path(target, folder=True) as tmp:
             (tmp / "weights").write_text(content)
     assert (target / "weights").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -28,6 +28,9 @@ SINGLE_FILE_EXTENSIONS: dict[str, SingleFileFormat] = {
     ".pt": "ckpt",
     ".pth": "ckpt",
 }
+# A diffusers folder names its pipeline in model_index.json: the one file that marks a folder as a model that
+# `save_diffusers` may replace (any other non-empty folder is refused, see sdtool.fsutil.replace_folder).
+DIFFUSERS_MARKERS = ("model_index.json",)
 MODELSPEC_VERSION = "1.0.1"
 # kohya's sd-scripts writes this for SD1/SD2 too; modelspec readers key on it.
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -224,7 +227,7 @@ def save_diffusers(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    with atomic_path(path) as tmp:
+    with atomic_path(path, folder=True, replaces=DIFFUSERS_MARKERS) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=safe_serialization)  # type: ignore[attr-defined]
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

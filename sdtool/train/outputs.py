@@ -40,3 +40,16 @@ def model_path(cfg: OutputSettings, stem: str) -> Path:
 def state_path(cfg: OutputSettings, stem: str) -> Path:
     """The state folder beside a save: `<stem>-state`."""
     return Path(cfg.output_dir) / f"{stem}-state"
+
+
+def clean_leftovers(cfg: OutputSettings) -> list[Path]:
+    """Remove what killed runs of this output name left (temp files, partial states), keeping any a live run owns;
+    a model or state folder cut between the two renames of its replacement is put back (see sdtool.fsutil)."""
+    from sdtool.fsutil import clean_stale_temps
+
+    out = Path(cfg.output_dir)
+    touched = []
+    for folder in (out, out / "sample"):
+        for pattern in (f"{cfg.output_name}*", "metrics.jsonl"):
+            touched += clean_stale_temps(folder, pattern)
+    return touched
