@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sdtool.errors import ConfigError
-from sdtool.train.config.checks import check_train
+from sdtool.train.config.checks import check_outputs_apart, check_train
 from sdtool.train.config.datasets import read_dataset_tables, resolve_datasets
 from sdtool.train.config.files import check_keys, flatten, format_validation, parse_override, read_toml
 from sdtool.train.config.schema import TOP_KEYS, ResolvedConfig, TrainConfig
@@ -51,6 +51,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Resolve
     specs = resolve_datasets(dataset_tables, flat, base, problems)
     if train is not None:
         check_train(train, base, problems)
+        check_outputs_apart(train, specs, problems)
     if problems:
         raise ConfigError(problems, hint=f"fix {path}")
     assert train is not None
