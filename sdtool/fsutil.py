@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import glob
 import os
 import re
 import secrets
@@ -169,6 +170,18 @@ def owned(path: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
+def held_by_live_process(path: str | Path) -> bool:
+    """Whether a running process holds the ownership lock of a temp file or folder (False when it cannot be told)."""
+    try:
+        fd = _open_for_lock(path)
+    except OSError:
+        return False
+    try:
+        return _try_lock(fd) is False
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -216,6 +229,12 @@ def clean_stale_temps(folder: str | Path, match: str = "*") -> list[Path]:
     return touched
 
 
+def clean_leftovers_of(path: str | Path) -> list[Path]:
+    """`clean_stale_temps` for the one output `path` (its temps, partial and `.old` folders, beside it)."""
+    path = Path(path)
+    return clean_stale_temps(path.parent, glob.escape(path.name))
+
+
 def leftover_temp_files(folder: str | Path) -> list[Path]:
     """Temps an interrupted atomic write left behind (for tests and clean-up)."""
     return sorted(p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}"))
@@ -260,9 +279,9 @@ def replace_folder(new: Path, path: Path, markers: tuple[str, ...] | None = None
         raise not_replaceable_error(path, markers)
     old = path.with_name(f".{path.name}.{OLD_TAG}{TEMP_SUFFIX}")
     if os.path.lexists(old):
-        clean_stale_temps(path.parent, path.name)
-        if os.path.lexists(old):
-            raise SdtoolError(f"{old} exists and another sdtool process holds it", hint="wait for it to finish")
+        if held_by_live_process(old):
+            raise SdtoolError(f"{path} is being replaced by another sdtool process", hint="wait for it to finish")
+        _remove(old)  # debris of an earlier swap: `path` itself is whole
     with owned(path):
         os.replace(path, old)
         os.replace(new, path)

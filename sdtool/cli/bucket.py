@@ -97,11 +97,11 @@ def command(
 
     from sdtool.bucket.algorithm import capped_buckets, is_degenerate
     from sdtool.bucket.scan import bucket_images, image_record, merge_rekeyed, metadata_fields
-    from sdtool.fsutil import clean_stale_temps
+    from sdtool.fsutil import clean_leftovers_of
     from sdtool.images import list_images
     from sdtool.metadata import metadata_key, read_metadata, write_metadata
 
-    clean_stale_temps(output.parent, output.name)  # what a killed run left (a live one's write is kept)
+    clean_leftovers_of(output)  # what a killed run left (a live one's write is kept)
     existing = read_metadata(output) if update and output.exists() else None  # a broken file stops us here
     settings = BucketSettings(reso, min_reso, max_reso, bucket_reso_steps, no_upscale)
     if is_degenerate(settings):

@@ -7,6 +7,7 @@ instead of stopping the batch.
 
 from __future__ import annotations
 
+import glob
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -128,7 +129,7 @@ def sidecar_targets(images: Sequence[Path], extension: str, skips: SkipReporter)
     are removed first (those of a live run are kept, see sdtool.fsutil).
     """
     for folder in sorted({image.parent for image in images}):
-        clean_stale_temps(folder, f"*{extension}")
+        clean_stale_temps(folder, f"*{glob.escape(extension)}")
     owner: dict[Path, Path] = {}
     pairs = []
     for image in images:
@@ -150,10 +151,9 @@ def sidecar_targets(images: Sequence[Path], extension: str, skips: SkipReporter)
 
 
 def one_line(text: str) -> str:
-    """A sidecar holds one line (kohya reads the first): control characters, line and paragraph separators become
-    spaces, and runs of white space one space."""
-    cleaned = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
-    return " ".join(cleaned.split())
+    """A sidecar holds one line (kohya reads the first): line breaks, other control characters (a tab excepted) and
+    line or paragraph separators become spaces; the ends are stripped, the rest (separators included) kept."""
+    return "".join(" " if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text).strip()
 
 
 class SidecarWriter:

@@ -111,9 +111,10 @@ def read_labels(files: TaggerFiles) -> list[TagInfo]:
 
 
 def _plain_name(name: str) -> str:
-    if name.isprintable():
-        return name
-    return " ".join("".join(c if c.isprintable() else " " for c in name).split())
+    from sdtool.label.loading import one_line
+
+    cleaned = one_line(name)
+    return cleaned if cleaned == name else " ".join(cleaned.split())
 
 
 def _read_selected_tags(path: Path) -> list[TagInfo]:

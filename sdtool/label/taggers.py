@@ -15,7 +15,7 @@ from typing import Any
 
 from sdtool.console import Output, SkipReporter, info, progress_bar, warn
 from sdtool.errors import InputError, UsageError
-from sdtool.fsutil import clean_stale_temps, read_sidecar_text
+from sdtool.fsutil import clean_leftovers_of, read_sidecar_text
 from sdtool.images import list_images
 from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 from sdtool.label.tagger_model import RATING, Tagger, stack_pixels
@@ -34,7 +34,7 @@ class MetadataSink:
             raise UsageError(f"--output-path {path}: expected a .json or .jsonl file")
         self.path = path
         self.jsonl = suffix == ".jsonl"
-        clean_stale_temps(path.parent, path.name)  # what a killed run left (a live one's write is kept)
+        clean_leftovers_of(path)  # what a killed run left (a live one's write is kept)
         self.entries: dict[str, dict[str, Any]] = read_metadata(path) if path.exists() else {}
         self.dirty = False
         self.last_flush = time.monotonic()

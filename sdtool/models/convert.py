@@ -116,9 +116,9 @@ def convert_checkpoint(
     src = str(src)
     dst = Path(dst)
     fmt = target_format(dst, to)
-    from sdtool.fsutil import clean_stale_temps
+    from sdtool.fsutil import clean_leftovers_of
 
-    clean_stale_temps(dst.parent, dst.name)  # what an interrupted conversion to DST left (see sdtool.fsutil)
+    clean_leftovers_of(dst)  # what an interrupted conversion to DST left (see sdtool.fsutil)
     _check_destination(src, dst, fmt, overwrite)
     dtype = torch_dtype(precision) if precision is not None else None
 

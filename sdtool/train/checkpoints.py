@@ -20,7 +20,15 @@ from typing import Any
 
 from sdtool.console import warn
 from sdtool.errors import ConfigError, SdtoolError
-from sdtool.fsutil import PARTIAL_TAG, TEMP_SUFFIX, clean_stale_temps, owned, replace_folder, write_error
+from sdtool.fsutil import (
+    PARTIAL_TAG,
+    TEMP_SUFFIX,
+    clean_leftovers_of,
+    held_by_live_process,
+    owned,
+    replace_folder,
+    write_error,
+)
 from sdtool.train.config.schema import ResolvedConfig, TrainConfig
 from sdtool.train.outputs import EMA_FILE, STATE_FILE
 
@@ -91,9 +99,11 @@ def write_state(accelerator: Any, path: Path, record: dict[str, Any], ema: Any |
     main = accelerator.is_main_process
     with contextlib.ExitStack() as hold:
         if main:
-            clean_stale_temps(path.parent, path.name)  # what a killed run left under this name
+            clean_leftovers_of(path)  # what a killed run left under this name
             if partial.exists():
-                raise SdtoolError(f"{partial} is being written by another sdtool process", hint="wait for it")
+                if held_by_live_process(partial):
+                    raise SdtoolError(f"{partial} is being written by another sdtool process", hint="wait for it")
+                shutil.rmtree(partial)  # left by a run whose ownership cannot be told (a file system without locks)
             try:
                 partial.mkdir(parents=True)
             except OSError as exc:

@@ -571,7 +571,7 @@ class FineTuneRecipe:
                 f"the state was saved by {saved.get('num_processes')} processes, this run has "
                 f"{self.accelerator.num_processes}: the data order from here on differs"
             )
-        configured = [group["initial_lr"] for group in self.optimizer.param_groups]  # this config's base rates
+        configured = [group.get("initial_lr", group["lr"]) for group in self.optimizer.param_groups]  # the config's
         try:
             self.accelerator.load_state(str(path))
             if self.ema is not None:

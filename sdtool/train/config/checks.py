@@ -235,9 +235,9 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         state = resolve_path(cfg.resume, base)
         cfg.resume = str(state)
         if not state.exists():
-            from sdtool.fsutil import clean_stale_temps
+            from sdtool.fsutil import clean_leftovers_of
 
-            clean_stale_temps(state.parent, state.name)  # a kill mid-replacement of this state: put it back
+            clean_leftovers_of(state)  # a kill mid-replacement of this state: put it back
         if not (state / STATE_FILE).is_file():
             what = "is not an sdtool state folder" if state.is_dir() else "does not exist"
             problems.append(f"resume: {state} {what} (expected {STATE_FILE} in a <name>-state folder)")
