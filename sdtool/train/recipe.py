@@ -33,7 +33,7 @@ from sdtool.train.hypernetwork.training import sampling_mode
 from sdtool.train.outputs import EMA_FILE, clean_leftovers, model_path, save_stem, state_path
 from sdtool.train.plan import Plan
 from sdtool.train.progress import TrainProgress, truncate_metrics
-from sdtool.train.signals import Interrupted, LoaderStopped, StopRequest, batches, ignore_stop_signals
+from sdtool.train.signals import Interrupted, StopRequest, batches, ignore_stop_signals
 from sdtool.train.trackers import init_trackers, log_epoch_loss, log_sample_grid, tracker_options
 
 _STEP_STREAM = 1  # separates the per-step seeds from the per-sample seeds derived from the same run seed
@@ -300,53 +300,52 @@ class FineTuneRecipe:
             while state.global_step < total:
                 self.plan.sampler.set_position(state.epoch, state.batch_in_epoch)
                 micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
-                try:
-                    for batch in batches(self.loader, stop):
-                        gen = step_generator(state.seed, state.global_step, micro, acc.device)
-                        with acc.accumulate(*self.trained):
-                            loss, timesteps = self.compute_loss(batch, gen)
-                            acc.backward(loss)
-                            grad_norm = self._clip_and_measure() if acc.sync_gradients else None
-                            self.optimizer.step()
-                            self.optimizer.zero_grad(set_to_none=True)
-                        state.batch_in_epoch += 1
-                        micro += 1
-                        loss_sum = loss_sum + acc.reduce(loss.detach(), "mean")  # the global batch's loss
-                        t_sum = t_sum + timesteps.float().mean()
-                        # accelerate syncs on the last batch of the loader, so an epoch always ends on a step.
-                        epoch_end = acc.gradient_state.end_of_dataloader
-                        if not acc.sync_gradients:
-                            continue
-                        lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
-                        self.lr_scheduler.step()  # once per optimizer step, whatever the process count
-                        state.global_step += 1
-                        if self.ema is not None:
-                            self.ema.update()
-                        self._flush()
-                        self.pending = {
-                            "step": state.global_step,
-                            "epoch": state.epoch + 1,
-                            "loss": loss_sum / micro,
-                            "lr": dict(zip(self.group_names, lrs, strict=True)),
-                            "timestep_mean": t_sum / micro,
-                            "seconds": time.perf_counter() - step_start,
-                            "grad_norm": grad_norm,
-                        }
-                        micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
-                        if epoch_end:
-                            # Moved on before anything is saved, so a state never points at the end of an epoch.
-                            state.epoch += 1
-                            state.batch_in_epoch = 0
-                            self._end_epoch(state.epoch)
-                        self._after_step(epoch_end)
-                        # After the last step the final save runs instead, and the stop follows it (see run).
-                        if state.global_step < total and self._stop_requested(stop):
-                            self._stop(stop.signal_name)
-                        if state.global_step >= total:
-                            break
-                except LoaderStopped as exc:
+                for batch in batches(self.loader, stop):
+                    gen = step_generator(state.seed, state.global_step, micro, acc.device)
+                    with acc.accumulate(*self.trained):
+                        loss, timesteps = self.compute_loss(batch, gen)
+                        acc.backward(loss)
+                        grad_norm = self._clip_and_measure() if acc.sync_gradients else None
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    state.batch_in_epoch += 1
+                    micro += 1
+                    loss_sum = loss_sum + acc.reduce(loss.detach(), "mean")  # the global batch's loss
+                    t_sum = t_sum + timesteps.float().mean()
+                    # accelerate syncs on the last batch of the loader, so an epoch always ends on a step.
+                    epoch_end = acc.gradient_state.end_of_dataloader
+                    if not acc.sync_gradients:
+                        continue
+                    lrs = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
+                    self.lr_scheduler.step()  # once per optimizer step, whatever the process count
+                    state.global_step += 1
+                    if self.ema is not None:
+                        self.ema.update()
+                    self._flush()
+                    self.pending = {
+                        "step": state.global_step,
+                        "epoch": state.epoch + 1,
+                        "loss": loss_sum / micro,
+                        "lr": dict(zip(self.group_names, lrs, strict=True)),
+                        "timestep_mean": t_sum / micro,
+                        "seconds": time.perf_counter() - step_start,
+                        "grad_norm": grad_norm,
+                    }
+                    micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
+                    if epoch_end:
+                        # Moved on before anything is saved, so a state never points at the end of an epoch.
+                        state.epoch += 1
+                        state.batch_in_epoch = 0
+                        self._end_epoch(state.epoch)
+                    self._after_step(epoch_end)
+                    # After the last step the final save runs instead, and the stop follows it (see run).
+                    if state.global_step < total and self._stop_requested(stop):
+                        self._stop(stop.signal_name)
+                    if state.global_step >= total:
+                        break
+                if stop.loader_failure is not None:
                     # The workers went down with the job after the stop request: back to the last whole step.
-                    debug(f"data loader stopped: {exc}")
+                    debug(f"data loader stopped: {stop.loader_failure}")
                     self._rewind_micro_batches(micro)
                     self._stop(stop.signal_name)
             self._flush()

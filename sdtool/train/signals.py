@@ -4,7 +4,8 @@ exits with 130; the request holds from setup to the end of the final save, so a 
 Schedulers (systemd, Slurm's `scancel`, `kill -TERM -PGID`) signal every process of the job, DataLoader workers
 included. Workers therefore leave SIGINT and SIGTERM to the main process (`ignore_stop_signals`), and once a stop is
 requested a worker that dies anyway (killed after a grace period, say) is part of the stop, not an error:
-`batches` turns the loader's failure into `LoaderStopped`, and the recipe saves the state of its last step.
+`batches` ends there, recording the failure in `StopRequest.loader_failure`, and the recipe saves the state of its
+last whole step.
 """
 
 from __future__ import annotations
@@ -26,10 +27,6 @@ class Interrupted(SdtoolError):
     exit_code = EXIT_INTERRUPTED
 
 
-class LoaderStopped(Exception):
-    """The data loader failed after a stop was requested (its workers were killed with the job): stop there."""
-
-
 class StopRequest:
     """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT stops at once.
 
@@ -39,6 +36,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.loader_failure: str | None = None  # why the data loader ended after the request (see `batches`)
         self.previous: dict[int, Any] = {}
 
     @property
@@ -70,7 +68,8 @@ class StopRequest:
 
 
 def batches(loader: Iterable[Any], stop: StopRequest) -> Iterator[Any]:
-    """The loader's batches; a loader failure after a stop request becomes `LoaderStopped` (errors before it stay)."""
+    """The loader's batches. A loader failure after a stop request ends them and is kept in `stop.loader_failure`
+    (its workers went down with the job); before a request it is an error, raised as it is."""
     iterator = iter(loader)
     while True:
         try:
@@ -78,9 +77,10 @@ def batches(loader: Iterable[Any], stop: StopRequest) -> Iterator[Any]:
         except StopIteration:
             return
         except Exception as exc:
-            if stop.requested:
-                raise LoaderStopped(f"{type(exc).__name__}: {exc}") from exc
-            raise
+            if not stop.requested:
+                raise
+            stop.loader_failure = f"{type(exc).__name__}: {exc}"
+            return
         yield batch
 
 
@@ -88,6 +88,3 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which finishes the step and saves a state."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-ignore_sigint = ignore_stop_signals  # the earlier name

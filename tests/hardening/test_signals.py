@@ -79,9 +79,13 @@ def finish(proc: subprocess.Popen) -> str:
 
 
 def worker_pids(pid: int) -> list[int]:
-    """The DataLoader workers: the training process's children (Linux /proc)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(x) for x in path.read_text().split()] if path.exists() else []
+    """The DataLoader workers: the training process's children (psutil comes with accelerate)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def metric_lines(out: Path) -> int:
