@@ -77,6 +77,7 @@ def test_tag_append_and_sidecar_places_that_are_not_files(sdtool_proc, odd, tmp_
     assert (odd / "c.txt").is_dir() and not list((odd / "c.txt").iterdir())  # the folder is left alone
 
 
+@pytest.mark.slow
 def test_caption_does_not_take_a_folder_for_a_caption(sdtool_proc, tmp_path, tiny_blip):
     folder = tmp_path / "images"
     folder.mkdir()
