@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdtool.errors import ImageError
+from sdtool.fsutil import file_problem
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default limit
 BASE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -57,7 +58,7 @@ def list_images(dirs: Iterable[str | Path], recursive: bool = False) -> list[Pat
     found: set[Path] = set()
     for d in dirs:
         d = Path(d)
-        if d.is_file():
+        if os.path.lexists(d) and not d.is_dir():  # a file given directly (the reader names it if it is no image)
             found.add(d)
             continue
         if not d.is_dir():
@@ -84,10 +85,12 @@ def _pil_open(path: Path) -> Image.Image:
 
 
 def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
-    """Image files below `folder`, skipping hidden names; symlinked folders are not followed (like Path.rglob).
+    """Everything below `folder` named like an image that is not a folder, skipping hidden names; symlinked folders
+    are not followed (like Path.rglob).
 
-    A dangling symlink with an image extension is listed too, so that the command names it as skipped instead of
-    silently training on fewer images than the folder shows.
+    Not only regular files: a dangling or looping symlink, a FIFO or a device with an image extension is listed too,
+    so that the command names it as skipped (the readers refuse it without opening it) instead of silently training
+    on fewer images than the folder shows.
     """
     with os.scandir(folder) as entries:
         subdirs = []
@@ -95,19 +98,14 @@ def _walk_files(folder: str, exts: set[str], recursive: bool) -> Iterator[str]:
             if entry.name.startswith("."):
                 continue
             try:
-                if entry.is_file():
-                    if os.path.splitext(entry.name)[1].lower() in exts:
-                        yield entry.path
-                elif recursive and entry.is_dir(follow_symlinks=False):
+                is_dir = entry.is_dir()  # follows symlinks: a link to a folder is a folder
+            except OSError:  # a symlink loop: not a folder
+                is_dir = False
+            if is_dir:
+                if recursive and not entry.is_symlink():
                     subdirs.append(entry.path)
-                elif (
-                    entry.is_symlink()
-                    and os.path.splitext(entry.name)[1].lower() in exts
-                    and not os.path.exists(entry.path)
-                ):
-                    yield entry.path
-            except OSError:
-                continue
+            elif os.path.splitext(entry.name)[1].lower() in exts:
+                yield entry.path
     for sub in subdirs:
         yield from _walk_files(sub, exts, recursive)
 
@@ -119,6 +117,9 @@ def _open_checked(path: Path) -> Image.Image:
     # off so that ours (below, on the header's size, still before any decoding) is the one that decides.
     Image.MAX_IMAGE_PIXELS = None
     try:
+        problem = file_problem(path)  # a FIFO would block the read below, a device would never end
+        if problem is not None:
+            raise ImageError(path, problem)
         if path.stat().st_size == 0:
             raise ImageError(path, "empty file")
         with warnings.catch_warnings():
@@ -264,3 +265,36 @@ def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
         peak = 255.0
     arr = np.clip(np.rint(arr / peak * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(arr, mode="L")
+
+
+# ------------------------------------------------------------------------------------------- outputs vs inputs
+def check_output_path(output: str | Path, flag: str, inputs: Iterable[str | Path] = ()) -> None:
+    """The one rule every command applies to what it writes beside images (metadata files, sidecars): an output is
+    never named like an image (it would replace one, or be read as one by the next run) and is never one of its
+    `inputs` (the same file under any name), so `--overwrite` cannot destroy an input. Raises UsageError (exit 2).
+    """
+    from sdtool.errors import UsageError
+
+    output = Path(output)
+    if is_image_path(output):
+        raise UsageError(
+            f"{flag} {output}: an output named like an image ({output.suffix}) could replace or pass for an image",
+            hint="use the extension the option expects (e.g. .json, .caption, .txt)",
+        )
+    try:
+        target = os.stat(output)
+    except OSError:
+        return  # nothing there yet: it cannot be an existing input
+    for item in inputs:
+        try:
+            st = os.stat(item)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+            raise UsageError(f"{flag} {output} is one of the inputs ({item}); it would be overwritten")
+
+
+def check_sidecar_extension(extension: str, flag: str) -> None:
+    """A sidecar extension is never an image extension: `<stem><ext>` would replace an image (`--caption-extension
+    .jpg` overwrites a.jpg with a.png's caption)."""
+    check_output_path("sidecar" + extension, flag)

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sdtool.errors import InputError
-from sdtool.fsutil import atomic_write_text
+from sdtool.fsutil import METADATA_LIMIT, atomic_write_text, read_regular_file
 from sdtool.images import image_extensions
 
 Metadata = dict[str, dict[str, Any]]
@@ -29,10 +29,10 @@ def read_metadata(path: str | Path) -> Metadata:
     """Read a metadata JSON object or JSONL file into `{key: fields}` (insertion order kept)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular_file(path, METADATA_LIMIT, "metadata file").decode("utf-8")
     except FileNotFoundError as exc:
         raise InputError(path, "metadata file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise InputError(path, f"cannot read metadata ({exc})") from exc
     stripped = text.lstrip()
     if is_jsonl(path) or (stripped.startswith("{") and _looks_like_jsonl(stripped)):
@@ -49,6 +49,39 @@ def read_metadata(path: str | Path) -> Metadata:
         if not isinstance(value, dict):
             raise InputError(path, f"entry {key!r} is not an object")
     return data
+
+
+_TEXT_FIELDS = ("caption", "tags")
+_SIZE_FIELDS = {"image_size": 2, "train_resolution": 2, "resized_size": 2, "crop_ltrb": 4}
+
+
+def entry_problem(fields: Mapping[str, Any]) -> str | None:
+    """Why a metadata entry's known fields cannot be used, or None: `caption`/`tags` must be text, sizes whole
+    numbers (JSON's `Infinity`, `1.5` or `"64"` are not). Commands skip such an entry and name it; unknown fields
+    are not looked at."""
+    for name in _TEXT_FIELDS:
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"metadata field {name} must be text, got {value!r}"
+    for name, n in _SIZE_FIELDS.items():
+        value = fields.get(name)
+        if value is not None and whole_numbers(value, n) is None:
+            return f"metadata field {name} must be {n} whole numbers, got {value!r}"
+    return None
+
+
+def whole_numbers(value: Any, n: int) -> tuple[int, ...] | None:
+    """`value` as `n` whole numbers (ints, or floats without a fraction such as 64.0), None when it is not that."""
+    if not isinstance(value, list | tuple) or len(value) != n:
+        return None
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return None
+        if isinstance(v, float) and not v.is_integer():  # also NaN and ±Infinity
+            return None
+        out.append(int(v))
+    return tuple(out)
 
 
 def _looks_like_jsonl(text: str) -> bool:
@@ -118,6 +151,9 @@ class ImageResolver:
         candidate = Path(key)
         if candidate.is_absolute():
             return candidate
+        if ".." in PurePosixPath(key.replace("\\", "/")).parts:
+            # A relative key names a file below image_dir, never beside or above it (CONTRACT §D).
+            raise InputError(key, "a relative metadata key must not leave the image folder ('..'); use an absolute key")
         if self.image_dir is None:
             raise InputError(
                 key,

@@ -16,6 +16,7 @@ from typing import Any
 
 from sdtool.bucket.algorithm import BucketAssignment, BucketError, BucketSettings, Size, select_bucket
 from sdtool.errors import ImageError, InputError
+from sdtool.fsutil import read_sidecar_text
 from sdtool.images import read_size
 from sdtool.metadata import ImageResolver, Metadata, merge_metadata
 from sdtool.runtime import usable_cpus
@@ -48,21 +49,6 @@ def sidecar_path(image: str | Path, extension: str) -> str:
     return os.path.splitext(image)[0] + extension
 
 
-def read_sidecar(path: str | Path) -> str | None:
-    """The stripped text of a sidecar file, None when there is none; raises InputError when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise InputError(path, f"cannot read ({exc.strerror or exc})") from exc
-    try:
-        return data.decode("utf-8-sig").strip()
-    except UnicodeDecodeError as exc:
-        raise InputError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-
-
 def _bucket_one(
     path: Path, settings: BucketSettings, caption_ext: str | None, tags_ext: str | None
 ) -> tuple[BucketedImage | None, str | None, list[tuple[Path, str]]]:
@@ -79,7 +65,7 @@ def _bucket_one(
         if ext is None:
             continue
         try:
-            texts[name] = read_sidecar(sidecar_path(path, ext))
+            texts[name] = read_sidecar_text(sidecar_path(path, ext))
         except InputError as exc:
             problems.append((exc.path, f"{exc.reason}; the image is kept without its {name}"))
     return BucketedImage(path, assignment, texts["caption"], texts["tags"]), None, problems

@@ -11,18 +11,28 @@ The safetensors metadata holds `{"sdtool_latents": "1", "record": <JSON>}`; the 
 made from: `image` (path), `source` (`size`, `mtime_ns`, `sha256` of the file), `original_size`, `bucket`,
 `resized`, `crop_ltrb`, `interpolation`, `vae` (fingerprint, see `fingerprint.vae_fingerprint`), `vae_source`,
 `dtype` and `flip`. `record_problem` says why a record does not fit what is asked for (stale or missing).
+
+A damaged entry is stale, never "ok" and never a crash: `read_native_entry` checks the file against its own header
+(a truncated file, tensors whose byte size does not match their shape) and the record against its schema
+(`check_record`); `tensor_problem` checks the tensors an entry must hold for its bucket, and `data_problem` that
+their values are finite. `cache --status`, `cache` (which re-encodes what is stale) and training all use these,
+so they agree on every entry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from sdtool.cache.fingerprint import read_safetensors_header, source_change
 from sdtool.cache.placement import Placement, latent_shape
@@ -48,6 +58,39 @@ RECORD_VERSION = "1"
 
 
 _CACHE_HINT = "run 'sdtool cache META --model MODEL' to (re)encode it"
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+Pair = Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
+
+
+class _SourceShape(BaseModel):
+    """`record["source"]`: the image file's fingerprint (fingerprint.source_fingerprint)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+class _RecordShape(BaseModel):
+    """The record `make_record` writes, with its types: what `check_record` holds a stored record to."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    version: int
+    image: str
+    source: _SourceShape
+    original_size: Pair
+    bucket: Pair
+    resized: Pair
+    crop_ltrb: Annotated[list[StrictInt], Field(min_length=4, max_length=4)]
+    interpolation: str
+    vae: str
+    vae_source: str
+    dtype: str
+    flip: bool
 
 
 class LatentCacheError(SdtoolError):
@@ -165,21 +208,86 @@ def default_cache_dir(metadata_path: str | Path) -> Path:
     return path.parent / f"{path.stem}.latents"
 
 
-def read_native_record(path: str | Path) -> dict[str, Any]:
-    """The record of a native entry, reading only the safetensors header."""
+def check_record(record: Any, where: str | Path) -> dict[str, Any]:
+    """The record if it has the shape `make_record` writes (types included); LatentCacheError naming the first
+    field that does not, so a hand-edited or damaged record reads as stale instead of crashing a command."""
+    from pydantic import ValidationError
+
+    try:
+        _RecordShape.model_validate(record)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = ".".join(str(p) for p in first["loc"]) or "record"
+        raise LatentCacheError(where, f"malformed cache record ({field_name}: {first['msg']})") from None
+    return dict(record)
+
+
+def read_native_entry(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensor header, record) of a native entry, reading only its header; LatentCacheError when the file is not a
+    whole sdtool entry (truncated, tensors inconsistent with their shapes, malformed record)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            header, _ = read_safetensors_header(f)
-        meta = header.get("__metadata__") or {}
-        if meta.get("sdtool_latents") != RECORD_VERSION:
+            header, base = read_safetensors_header(f)
+            size = os.fstat(f.fileno()).st_size
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or meta.get("sdtool_latents") != RECORD_VERSION:
             raise ValueError("not an sdtool latent entry")
         record = json.loads(meta["record"])
         if not isinstance(record, dict):
             raise ValueError("record is not an object")
-        return record
-    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:
+        end = base
+        for name, info in header.items():
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            count = math.prod(int(n) for n in shape)
+            if stop - begin != count * _DTYPE_BYTES.get(dtype, 0):
+                raise ValueError(f"tensor {name} holds {stop - begin} bytes for a {dtype} tensor of shape {shape}")
+            end = max(end, base + stop)
+        if size < end:
+            raise ValueError(f"truncated: {size:,} of {end:,} bytes")
+    except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
         raise LatentCacheError(path, f"unreadable cache entry ({exc})") from None
+    return header, check_record(record, path)
+
+
+def read_native_record(path: str | Path) -> dict[str, Any]:
+    """The record of a native entry, reading only the safetensors header (see `read_native_entry`)."""
+    return read_native_entry(path)[1]
+
+
+def tensor_problem(header: Mapping[str, Any], bucket: tuple[int, int], flip_aug: bool) -> tuple[Status, str] | None:
+    """Whether a native entry holds the float32 tensors its bucket needs (`mean`, `std`, and the flipped pair for
+    flip-aug), by their header entries."""
+    expected = list(latent_shape(bucket))
+    names = ["mean", "std"] + (["flipped_mean", "flipped_std"] if flip_aug else [])
+    for name in names:
+        info = header.get(name)
+        if info is None:
+            if name.startswith("flipped"):
+                return "missing", "no flipped latents (cached without --flip-aug)"
+            return "stale", f"damaged cache entry: no '{name}' tensor"
+        if info.get("dtype") != "F32":
+            return "stale", f"damaged cache entry: '{name}' is {info.get('dtype')}, not float32"
+        if list(info.get("shape", [])) != expected:
+            return "stale", (
+                f"latent shape {tuple(info.get('shape', []))} of '{name}' does not match the bucket "
+                f"{bucket[0]}x{bucket[1]}"
+            )
+    return None
+
+
+def data_problem(path: str | Path) -> str | None:
+    """Why a native entry's values cannot be used (NaN or inf, unreadable data), or None. Reads the tensors."""
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as exc:
+        return f"unreadable cache entry ({exc})"
+    bad = [name for name, array in tensors.items() if not bool(np.isfinite(array).all())]
+    return f"damaged cache entry: non-finite values (NaN/inf) in {', '.join(sorted(bad))}" if bad else None
 
 
 def write_native_entry(path: str | Path, tensors: Mapping[str, torch.Tensor], record: Mapping[str, Any]) -> Path:
@@ -256,23 +364,32 @@ def load_native(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    record = read_native_record(path)
+    try:
+        header, record = read_native_entry(path)
+    except LatentCacheError as exc:
+        raise StaleLatentsError(image_path, exc.reason) from None
     problem = record_problem(
         record, image_path, bucket=bucket, placement=placement, vae=expected_vae, flip_aug=flip_aug
     )
     if problem is not None and (problem[0] == "missing" or not allow_stale):
         kind, reason = problem
         raise (MissingLatentsError if kind == "missing" else StaleLatentsError)(image_path, reason)
+    problem = tensor_problem(header, bucket, flip_aug)
+    if problem is not None:
+        kind, reason = problem
+        raise (MissingLatentsError if kind == "missing" else StaleLatentsError)(image_path, reason)
     try:
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as exc:
-        raise LatentCacheError(image_path, f"unreadable cache entry {path} ({exc})") from None
-    check_shape(tensors["mean"], bucket, image_path, str(path))
-    if flip_aug and "flipped_mean" not in tensors:
-        raise MissingLatentsError(image_path, "no flipped latents (cached without --flip-aug)")
+        raise StaleLatentsError(image_path, f"unreadable cache entry {path} ({exc})") from None
+    import torch
+
+    bad = sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if bad:
+        raise StaleLatentsError(image_path, f"damaged cache entry: non-finite values (NaN/inf) in {', '.join(bad)}")
     return CachedLatents(
         mean=tensors["mean"],
-        std=tensors.get("std"),
+        std=tensors["std"],
         flipped_mean=tensors.get("flipped_mean"),
         flipped_std=tensors.get("flipped_std"),
         source=path,

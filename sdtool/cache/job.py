@@ -35,7 +35,7 @@ from sdtool.cache.ranks import QuietSkips, Ranks
 from sdtool.cache.store import entry_status
 from sdtool.console import Output, SkipReporter, debug, info, progress_bar
 from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
-from sdtool.fsutil import TEMP_SUFFIX
+from sdtool.fsutil import clean_stale_temps
 from sdtool.runtime import usable_cpus
 
 
@@ -132,11 +132,10 @@ def _image_seed(path: Path) -> int:
 
 
 def _remove_temp_files(folder: Path, pattern: str) -> None:
-    """Temp files of writes a killed run left behind (atomic writes never leave half files under final names)."""
-    for tmp in folder.glob(pattern):
-        if tmp.name.startswith(".") and tmp.name.endswith(TEMP_SUFFIX):
-            debug(f"removing leftover temp file {tmp}")
-            tmp.unlink(missing_ok=True)
+    """Temp files of writes a killed run left behind (atomic writes never leave half files under final names); a
+    write in flight in another live process (a second `cache` on the same folder) is left alone (sdtool.fsutil)."""
+    for tmp in clean_stale_temps(folder, pattern):
+        debug(f"removed leftover temp file {tmp}")
 
 
 def load_cache_vae(model: str | None, vae: str | None, dtype: Any, device: Any) -> Any:
@@ -272,12 +271,12 @@ def encode_items(
     if memory is None:
         if options.fmt == "sdtool":
             cache_dir.mkdir(parents=True, exist_ok=True)
-        if ranks.main:  # only while no rank writes: a leftover temp file could otherwise be another rank's live write
+        if ranks.main:  # once, before any rank writes (other ranks' writes and other processes' are locked anyway)
             if options.fmt == "sdtool":
-                _remove_temp_files(cache_dir, f".*{TEMP_SUFFIX}")
+                _remove_temp_files(cache_dir, "*")
             else:
                 for folder in {item.image_path.parent for item in todo}:
-                    _remove_temp_files(folder, f".*.npz.*{TEMP_SUFFIX}")
+                    _remove_temp_files(folder, "*.npz")
         # No rank writes before every rank has chosen its work from the same, unchanged cache.
         ranks.barrier()
 

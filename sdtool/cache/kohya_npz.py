@@ -33,6 +33,7 @@ from sdtool.cache.entry import (
     MissingLatentsError,
     StaleLatentsError,
     Status,
+    check_record,
     check_shape,
     record_problem,
     size_text,
@@ -126,6 +127,10 @@ class NpzLatents:
 
 
 def read_npz(path: Path, image_path: Path) -> NpzLatents:
+    """Read a kohya npz; LatentCacheError (stale) for anything that is not a whole, finite, float latent file."""
+    import zipfile
+    import zlib
+
     import numpy as np
 
     try:
@@ -138,12 +143,22 @@ def read_npz(path: Path, image_path: Path) -> NpzLatents:
             record = json.loads(str(z["sdtool_record"])) if "sdtool_record" in z.files else None
     except LatentCacheError:
         raise
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # json.JSONDecodeError and NumPy's refusal of pickled (object) arrays are ValueErrors too.
         raise LatentCacheError(image_path, f"unreadable cache file {path} ({exc})") from None
     if latents.ndim == 4 and latents.shape[0] == 1:  # some writers keep the batch axis
         latents = latents[0]
         if flipped is not None and flipped.ndim == 4:
             flipped = flipped[0]
+    for name, array in (("latents", latents), ("latents_flipped", flipped)):
+        if array is None:
+            continue
+        if array.dtype.kind != "f":
+            raise LatentCacheError(image_path, f"{path}: '{name}' holds {array.dtype}, not floating-point latents")
+        if not bool(np.isfinite(array).all()):
+            raise LatentCacheError(image_path, f"{path}: non-finite values (NaN/inf) in '{name}'")
+    if record is not None:
+        record = check_record(record, path)
     return NpzLatents(path, latents, flipped, original, record)  # type: ignore[arg-type]
 
 

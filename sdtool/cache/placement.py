@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdtool.bucket.algorithm import crop_ltrb
 from sdtool.errors import InputError, UsageError
 
 if TYPE_CHECKING:
@@ -42,12 +43,11 @@ def latent_shape(bucket: tuple[int, int]) -> tuple[int, int, int]:
 
 
 def _int_tuple(value: Any, n: int, name: str, where: str | Path) -> tuple[int, ...]:
-    try:
-        items = tuple(int(v) for v in value)
-        if len(items) != n or any(float(v) != int(v) for v in value):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InputError(where, f"metadata field {name} must be {n} integers, got {value!r}") from None
+    from sdtool.metadata import whole_numbers
+
+    items = whole_numbers(value, n)
+    if items is None:
+        raise InputError(where, f"metadata field {name} must be {n} integers, got {value!r}")
     return items
 
 
@@ -78,12 +78,51 @@ def size_text(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def placement_problem(
+    image_size: tuple[int, int] | None,
+    bucket: tuple[int, int],
+    resized: tuple[int, int] | None,
+    crop: tuple[int, int, int, int] | None = None,
+) -> str | None:
+    """Why a placement from the metadata cannot be used, or None. The one check `cache` and training share.
+
+    The bucket is a positive multiple of 8 (latents are 1/8 of it); `resized` covers it with one side less than twice
+    the bucket's (what a cover resize, or `--no-upscale`'s rounding, gives); neither holds more pixels than
+    SDTOOL_MAX_PIXELS, the limit for images (a `resized_size` of 60000² would allocate gigabytes); a `crop_ltrb`
+    is the centre crop. `image_size` (when known) is a real size. `resized` None checks the sizes alone (before a
+    resize is computed from them).
+    """
+    from sdtool.images import max_pixels
+
+    bw, bh = bucket
+    if bw <= 0 or bh <= 0 or bw % 8 or bh % 8:
+        return f"bucket {bw}x{bh} is not a positive multiple of 8; run sdtool bucket again"
+    if image_size is not None and (image_size[0] <= 0 or image_size[1] <= 0):
+        return f"image_size {image_size[0]}x{image_size[1]} is not a real size; run sdtool bucket again"
+    limit = max_pixels()
+    for what, size in (("bucket", bucket), ("resized size", resized)):
+        if size is not None and size[0] * size[1] > limit:
+            return f"{what} {size[0]}x{size[1]} is over the limit of {limit:,} pixels (SDTOOL_MAX_PIXELS)"
+    if resized is None:
+        return None
+    rw, rh = resized
+    if rw < bw or rh < bh:
+        return f"resized size {rw}x{rh} does not cover the bucket {bw}x{bh}; run sdtool bucket again"
+    if rw >= 2 * bw and rh >= 2 * bh:
+        return f"resized size {rw}x{rh} is far larger than its bucket {bw}x{bh} needs; run sdtool bucket again"
+    if crop is not None:
+        centre = crop_ltrb(resized, bucket)
+        if tuple(crop) != centre:
+            return f"crop_ltrb {list(crop)} is not the centre crop {list(centre)}; run sdtool bucket again"
+    return None
+
+
 def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | None = None) -> Placement:
     """The Placement a metadata entry describes; `image_size` missing → read from the image header (and a bucket
     made from a rotated photo's stored pixels turned upright, see `displayed_bucket`).
 
-    Raises MissingBucketError without `train_resolution`, InputError for malformed fields, ImageError when the
-    header has to be read and cannot be.
+    Raises MissingBucketError without `train_resolution`, InputError for malformed fields (`placement_problem`),
+    ImageError when the header has to be read and cannot be.
     """
     from sdtool.bucket.algorithm import cover_resize
     from sdtool.cache.pixels import crop_ltrb
@@ -92,27 +131,24 @@ def placement_from_entry(fields: Mapping[str, Any], image_path: str | Path | Non
     if fields.get("train_resolution") is None:
         raise MissingBucketError(f"{where}: no train_resolution in the metadata", hint="run sdtool bucket first")
     bw, bh = _int_tuple(fields["train_resolution"], 2, "train_resolution", where)
-    if bw <= 0 or bh <= 0 or bw % 8 or bh % 8:
-        raise InputError(where, f"bucket {bw}x{bh} is not a positive multiple of 8")
     if fields.get("image_size") is not None:
         w, h = _int_tuple(fields["image_size"], 2, "image_size", where)
     elif image_path is not None:
         (bw, bh), (w, h) = displayed_bucket(image_path, (bw, bh))
     else:
         raise InputError(where, "no image_size in the metadata and no image to read it from")
+    problem = placement_problem((w, h), (bw, bh), None)  # before a resize is computed from them
+    if problem is not None:
+        raise InputError(where, problem)
     if fields.get("resized_size") is not None:
         rw, rh = _int_tuple(fields["resized_size"], 2, "resized_size", where)
     else:
         (rw, rh), _ = cover_resize((w, h), (bw, bh))
-    try:
-        centre = crop_ltrb((rw, rh), (bw, bh))
-    except ValueError as exc:
-        raise InputError(where, str(exc), hint="run sdtool bucket again") from None
-    if fields.get("crop_ltrb") is not None:
-        crop = _int_tuple(fields["crop_ltrb"], 4, "crop_ltrb", where)
-        if crop != centre:
-            raise InputError(where, f"crop_ltrb {list(crop)} is not the centre crop {list(centre)} of the bucket")
-    return Placement((w, h), (bw, bh), (rw, rh), centre)
+    crop = _int_tuple(fields["crop_ltrb"], 4, "crop_ltrb", where) if fields.get("crop_ltrb") is not None else None
+    problem = placement_problem((w, h), (bw, bh), (rw, rh), crop)  # type: ignore[arg-type]
+    if problem is not None:
+        raise InputError(where, problem)
+    return Placement((w, h), (bw, bh), (rw, rh), crop_ltrb((rw, rh), (bw, bh)))
 
 
 @dataclass(frozen=True)
@@ -122,6 +158,16 @@ class CacheItem:
     key: str
     image_path: Path
     placement: Placement
+
+
+def image_file_problem(path: Path) -> str | None:
+    """Why the image a metadata key names cannot be read as a file (missing, a FIFO …), or None."""
+    from sdtool.fsutil import file_problem
+
+    try:
+        return file_problem(path)
+    except FileNotFoundError:
+        return "image file not found"
 
 
 def require_buckets(metadata: Mapping[str, Mapping[str, Any]], metadata_path: str | Path) -> None:
@@ -142,7 +188,7 @@ def plan_items(
 ) -> tuple[list[CacheItem], list[tuple[str, str]]]:
     """Resolve every entry of a bucketed metadata file to (image, placement); unusable entries come back as
     (path or key, reason) pairs. Relative keys resolve against `image_dir`, by default the metadata's folder."""
-    from sdtool.metadata import ImageResolver, read_metadata
+    from sdtool.metadata import ImageResolver, entry_problem, read_metadata
 
     metadata_path = Path(metadata_path)
     metadata = read_metadata(metadata_path)
@@ -153,8 +199,9 @@ def plan_items(
     for key, fields in metadata.items():
         try:
             image = resolver.resolve(key)
-            if not image.is_file():
-                problems.append((str(image), "image file not found"))
+            problem = image_file_problem(image) or entry_problem(fields)
+            if problem is not None:
+                problems.append((str(image), problem))
                 continue
             items.append(CacheItem(key, image, placement_from_entry(fields, image)))
         except InputError as exc:

@@ -16,11 +16,13 @@ from sdtool.cache.entry import (
     LoadFormat,
     MissingLatentsError,
     Status,
+    data_problem,
     default_cache_dir,
     load_native,
     native_entry_path,
-    read_native_record,
+    read_native_entry,
     record_problem,
+    tensor_problem,
 )
 from sdtool.cache.kohya_npz import (
     KohyaSuffix,
@@ -126,7 +128,8 @@ def entry_status(
     precision: str | None = None,
     kohya_suffix: KohyaSuffix = "_sd.npz",
 ) -> EntryStatus:
-    """The cache state of one planned image (reads headers only; hashes the image only if its mtime changed)."""
+    """The cache state of one planned image: headers and records first (the image is hashed only if its mtime
+    changed), then the latents themselves (small) for NaN/inf."""
     p = item.placement
     if fmt == "sdtool":
         if cache_dir is None:
@@ -135,7 +138,7 @@ def entry_status(
         if not path.is_file():
             return EntryStatus(item.key, item.image_path, "missing", "not cached yet", path, p)
         try:
-            record = read_native_record(path)
+            header, record = read_native_entry(path)
         except LatentCacheError as exc:
             return EntryStatus(item.key, item.image_path, "stale", exc.reason, path, p)
         problem = record_problem(
@@ -147,7 +150,10 @@ def entry_status(
             flip_aug=flip_aug,
             interpolation=interpolation,
             precision=precision,
-        )
+        ) or tensor_problem(header, p.bucket, flip_aug)
+        if problem is None:
+            damage = data_problem(path)  # last: the only check that reads the latents themselves
+            problem = ("stale", damage) if damage is not None else None
     else:
         path = kohya_npz_path(item.image_path, p.original_size, kohya_suffix)
         if not path.is_file():

@@ -70,6 +70,12 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             if debug_enabled():
                 err.print(traceback.format_exc(), markup=False, highlight=False)
+            from sdtool.fsutil import os_error
+
+            known = os_error(exc) if isinstance(exc, OSError) else None  # a full disk, a read-only folder …
+            if known is not None:
+                error_line(known.one_line())
+                raise typer.Exit(known.exit_code) from None
             error_line(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)")
             raise typer.Exit(EXIT_RUNTIME) from None
 

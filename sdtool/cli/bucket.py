@@ -109,14 +109,19 @@ def command(
         raise UsageError("--update and --overwrite exclude each other")
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder; give a file name such as {output / 'meta.json'}")
+    from sdtool.images import check_output_path
+
+    check_output_path(output, "--output")
     if output.exists() and not (update or overwrite):
         raise UsageError(f"{output} exists", hint="pass --update to merge into it, or --overwrite to replace it")
 
     from sdtool.bucket.algorithm import capped_buckets, is_degenerate
     from sdtool.bucket.scan import bucket_images, image_record, merge_rekeyed, metadata_fields
+    from sdtool.fsutil import clean_leftovers_of
     from sdtool.images import list_images
     from sdtool.metadata import metadata_key, read_metadata, write_metadata
 
+    clean_leftovers_of(output)  # what a killed run left (a live one's write is kept)
     existing = read_metadata(output) if update and output.exists() else None  # a broken file stops us here
     settings = BucketSettings(reso, min_reso, max_reso, bucket_reso_steps, no_upscale)
     if is_degenerate(settings):
@@ -134,6 +139,10 @@ def command(
 
         where = ", ".join(str(d) for d in dirs)
         raise InputError(where, "no images found", hint=None if recursive else "add --recursive for sub-folders")
+    from sdtool.bucket.scan import sidecar_path
+
+    sidecars = [sidecar_path(p, ext) for p in paths for ext in (caption_ext, tags_ext)]
+    check_output_path(output, "--output", inputs=[*paths, *sidecars])  # the same file under another name too
     with progress_bar("bucket", len(paths)) as advance:
         scan = bucket_images(
             paths, settings, caption_extension=caption_ext, tags_extension=tags_ext, workers=workers, on_done=advance
@@ -189,7 +198,7 @@ def command(
 
 def _extension(flag: str, value: str) -> str:
     from sdtool.errors import UsageError
-    from sdtool.images import is_image_path
+    from sdtool.images import check_sidecar_extension
 
     ext = value.strip()
     if not ext or ext == ".":
@@ -198,8 +207,7 @@ def _extension(flag: str, value: str) -> str:
         ext = "." + ext
     if "/" in ext or "\\" in ext:
         raise UsageError(f"{flag} {value!r} is not a file extension")
-    if is_image_path("x" + ext):
-        raise UsageError(f"{flag} {ext} is an image extension")
+    check_sidecar_extension(ext, flag)
     return ext
 
 

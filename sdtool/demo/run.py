@@ -82,6 +82,11 @@ def prepare_folder(root: Path, overwrite: bool) -> None:
     """Make `root` an empty folder: new, empty, or (with `overwrite`) a previous demo's folder, replaced."""
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root} is not a folder", hint="pass --dir with a new or empty folder")
+    from sdtool.fsutil import writable_problem
+
+    problem = writable_problem(root)  # a file where a parent folder should be, a read-only disk …
+    if problem is not None:
+        raise UsageError(f"--dir {root}: {problem}", hint="pass --dir with a new or empty folder you can write to")
     if root.is_dir() and any(root.iterdir()):
         if not overwrite:
             raise UsageError(f"{root} is not empty", hint="pass --overwrite to replace an earlier demo, or a new --dir")

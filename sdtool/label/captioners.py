@@ -261,6 +261,6 @@ def caption_images(
             if batch.indices:
                 for index, text in zip(batch.indices, captioner.caption_batch(batch.data), strict=True):
                     image, target = todo[index]
-                    writer.write(target, text + "\n", report(image, target, text))
+                    writer.write(target, text, report(image, target, text))
             advance(len(batch.indices) + len(batch.failures))
     return run

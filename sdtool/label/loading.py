@@ -7,6 +7,8 @@ instead of stopping the batch.
 
 from __future__ import annotations
 
+import glob
+import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -16,8 +18,8 @@ from typing import Any
 
 from sdtool.console import SkipReporter
 from sdtool.errors import ImageError, UsageError
-from sdtool.fsutil import atomic_write_text
-from sdtool.images import open_image
+from sdtool.fsutil import atomic_write_text, clean_stale_temps, file_problem
+from sdtool.images import check_sidecar_extension, open_image
 from sdtool.runtime import usable_cpus
 
 Preprocess = Callable[[Any], Any]
@@ -107,9 +109,10 @@ def iter_batches(
 
 
 def check_extension(extension: str, flag: str) -> str:
-    """A sidecar extension must look like `.txt`: a leading dot and no folder separators."""
+    """A sidecar extension must look like `.txt`: a leading dot, no folder separators, not an image extension."""
     if len(extension) < 2 or not extension.startswith(".") or "/" in extension or "\\" in extension:
         raise UsageError(f"{flag} {extension!r}: expected an extension with a leading dot, such as .txt")
+    check_sidecar_extension(extension, flag)
     return extension
 
 
@@ -119,10 +122,14 @@ def sidecar_path(image: Path, extension: str) -> Path:
 
 
 def sidecar_targets(images: Sequence[Path], extension: str, skips: SkipReporter) -> list[tuple[Path, Path]]:
-    """Pair each image with its sidecar; an image whose sidecar belongs to an earlier image (a.png, a.jpg) is skipped.
+    """Pair each image with its sidecar; an image whose sidecar belongs to an earlier image (a.png, a.jpg) is skipped,
+    and so is one whose sidecar path holds something that is not a file (a folder, a FIFO).
 
-    Writing both would silently overwrite one label with the other.
+    Writing both would silently overwrite one label with the other. Temp files a killed run left beside the images
+    are removed first (those of a live run are kept, see sdtool.fsutil).
     """
+    for folder in sorted({image.parent for image in images}):
+        clean_stale_temps(folder, f"*{glob.escape(extension)}")
     owner: dict[Path, Path] = {}
     pairs = []
     for image in images:
@@ -131,8 +138,22 @@ def sidecar_targets(images: Sequence[Path], extension: str, skips: SkipReporter)
         if first != image:
             skips.skip(image, f"its sidecar {target.name} also belongs to {first.name}; rename one of them")
             continue
+        try:
+            problem = file_problem(target)
+        except FileNotFoundError:
+            problem = None  # no sidecar yet (a dangling symlink there is replaced by the new file)
+        if problem is not None:
+            # A folder or FIFO where the sidecar goes: it is neither an existing label nor something to replace.
+            skips.skip(image, f"its sidecar {target.name} {problem}; remove or rename it")
+            continue
         pairs.append((image, target))
     return pairs
+
+
+def one_line(text: str) -> str:
+    """A sidecar holds one line (kohya reads the first): line breaks, other control characters (a tab excepted) and
+    line or paragraph separators become spaces; the ends are stripped, the rest (separators included) kept."""
+    return "".join(" " if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text).strip()
 
 
 class SidecarWriter:
@@ -149,8 +170,8 @@ class SidecarWriter:
         self._pending: deque[tuple[Future[Any], Callable[[], None]]] = deque()
 
     def write(self, path: Path, text: str, on_done: Callable[[], None]) -> None:
-        """Queue `text` for `path`; `on_done` runs once it is on disk."""
-        self._pending.append((self._pool.submit(atomic_write_text, path, text), on_done))
+        """Queue `text` for `path` as one line (see `one_line`); `on_done` runs once it is on disk."""
+        self._pending.append((self._pool.submit(atomic_write_text, path, one_line(text) + "\n"), on_done))
         self._reap(block=False)
 
     def _reap(self, block: bool) -> None:

@@ -94,10 +94,27 @@ def _hub_file(repo_id: str, filename: str) -> Path:
 
 
 def read_labels(files: TaggerFiles) -> list[TagInfo]:
-    """Tag names and categories, one per model output, from the CSV `category` column or DeepDanbooru's lists."""
-    if files.style == WD14:
-        return _read_selected_tags(files.labels)
-    return _read_deepdanbooru_tags(files.labels)
+    """Tag names and categories, one per model output, from the CSV `category` column or DeepDanbooru's lists.
+
+    A name with control characters (a CSV field with a line break, say) would break the one-line sidecar: they
+    become spaces, and the file is named once.
+    """
+    tags = _read_selected_tags(files.labels) if files.style == WD14 else _read_deepdanbooru_tags(files.labels)
+    cleaned = [TagInfo(_plain_name(t.name), t.category) for t in tags]
+    changed = [t.name for t, c in zip(tags, cleaned, strict=True) if t.name != c.name]
+    if changed:
+        warn(
+            f"{files.labels}: {len(changed)} tag name(s) with control characters, written with spaces instead "
+            f"(e.g. {changed[0]!r})"
+        )
+    return cleaned
+
+
+def _plain_name(name: str) -> str:
+    from sdtool.label.loading import one_line
+
+    cleaned = one_line(name)
+    return cleaned if cleaned == name else " ".join(cleaned.split())
 
 
 def _read_selected_tags(path: Path) -> list[TagInfo]:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtool.console import Output, SkipReporter, info, progress_bar, warn
-from sdtool.errors import UsageError
+from sdtool.errors import InputError, UsageError
+from sdtool.fsutil import clean_leftovers_of, read_sidecar_text
 from sdtool.images import list_images
 from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 from sdtool.label.tagger_model import RATING, Tagger, stack_pixels
@@ -33,6 +34,7 @@ class MetadataSink:
             raise UsageError(f"--output-path {path}: expected a .json or .jsonl file")
         self.path = path
         self.jsonl = suffix == ".jsonl"
+        clean_leftovers_of(path)  # what a killed run left (a live one's write is kept)
         self.entries: dict[str, dict[str, Any]] = read_metadata(path) if path.exists() else {}
         self.dirty = False
         self.last_flush = time.monotonic()
@@ -68,15 +70,12 @@ class MetadataSink:
 
 
 def _read_tags_file(path: Path) -> str | None:
-    """The text of an existing tags sidecar, None when there is none; ValueError naming the file when unreadable."""
+    """The text of an existing tags sidecar, None when there is none; ValueError naming the file when unreadable
+    (not a regular file, too large, not UTF-8)."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"its tags file {path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise ValueError(f"its tags file {path.name} cannot be read ({exc.strerror or exc})") from exc
+        return read_sidecar_text(path)
+    except InputError as exc:
+        raise ValueError(f"its tags file {path.name}: {exc.reason}") from exc
 
 
 @dataclass
@@ -170,7 +169,7 @@ def tag_images(
                             sink.put(image, text, size)
                             report(image, None, text, final)()
                         else:
-                            writer.write(target, text + "\n", report(image, target, text, final))
+                            writer.write(target, text, report(image, target, text, final))
                 advance(len(batch.indices) + len(batch.failures))
     finally:
         if sink is not None:

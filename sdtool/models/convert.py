@@ -54,10 +54,23 @@ def target_format(dst: str | Path, to: str | None = None) -> TargetFormat:
 
 
 def _check_destination(src: str, dst: Path, fmt: TargetFormat, overwrite: bool) -> None:
-    if Path(src).exists() and Path(src).resolve() == dst.resolve():
-        raise UsageError(f"{dst}: the output would replace the input", hint="choose another DST")
+    """DST must not be or hold SRC, and only a model folder sdtool can recognise is ever replaced."""
+    from sdtool.fsutil import folder_is_replaceable, not_replaceable_error
+    from sdtool.models.saving import DIFFUSERS_MARKERS
+
+    source = Path(src)
+    if source.exists() or source.is_symlink():
+        if source.resolve() == dst.resolve():
+            raise UsageError(f"{dst}: the output would replace the input", hint="choose another DST")
+        if dst.resolve() in source.resolve().parents:
+            raise UsageError(
+                f"{dst}: the output folder holds the input {src}, which replacing it would delete",
+                hint="choose a DST outside the input's folder",
+            )
     if not dst.exists() and not dst.is_symlink():
         return
+    if fmt == "diffusers" and dst.is_dir() and not folder_is_replaceable(dst, DIFFUSERS_MARKERS):
+        raise not_replaceable_error(dst, DIFFUSERS_MARKERS)
     if not overwrite:
         raise SdtoolError(f"{dst} already exists", hint="pass --overwrite to replace it")
     if fmt == "diffusers" and not dst.is_dir():
@@ -103,6 +116,9 @@ def convert_checkpoint(
     src = str(src)
     dst = Path(dst)
     fmt = target_format(dst, to)
+    from sdtool.fsutil import clean_leftovers_of
+
+    clean_leftovers_of(dst)  # what an interrupted conversion to DST left (see sdtool.fsutil)
     _check_destination(src, dst, fmt, overwrite)
     dtype = torch_dtype(precision) if precision is not None else None
 

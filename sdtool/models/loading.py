@@ -301,6 +301,18 @@ def _scheduler_config(config_dir: Path) -> dict[str, Any]:
     return _json(path) if path.is_file() else {}
 
 
+def _conversion_errors() -> tuple[type[BaseException], ...]:
+    """What diffusers' single-file conversion raises for weights that are not the model it was told to build.
+
+    Besides the usual ValueError/KeyError of a state dict that does not fit, its own SingleFileComponentError (an
+    Exception of its own) says a component's keys are missing, and shape inference on foreign tensors fails with
+    IndexError or TypeError: each means "not this model", never an internal error of sdtool.
+    """
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    return (ValueError, RuntimeError, KeyError, OSError, IndexError, TypeError, SingleFileComponentError)
+
+
 def _components_from_ldm(
     path: Path,
     state_dict: dict[str, Any],
@@ -321,6 +333,7 @@ def _components_from_ldm(
     where = f"the configs in {config_dir}" if explicit else f"the built-in {config_dir.name} configs"
     hint = "pass --config with a diffusers folder of the same architecture"
     loaded: dict[str, Any] = {}
+    conversion_errors = _conversion_errors()
     try:
         if "unet" in components:
             unet_config = _json(config_dir / "unet" / "config.json")
@@ -345,7 +358,7 @@ def _components_from_ldm(
                 )
     except ModelError:
         raise
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+    except conversion_errors as exc:
         raise ModelError(f"{path}: the weights do not fit {where} ({_first_line(exc)})", hint=hint) from exc
     for name, module in loaded.items():
         missing = [n for n, p in module.named_parameters() if p.device.type == "meta"]
@@ -433,9 +446,10 @@ def _load_vae_file(path: Path, dtype: Any, allow_pickle: bool, config: str | Pat
         kwargs.update(config=str(cfg), subfolder=None if (cfg / "config.json").is_file() else "vae")
     else:
         kwargs["original_config"] = _vae_original_config(path, state_dict)
+    conversion_errors = _conversion_errors()
     try:
         vae = AutoencoderKL.from_single_file(state_dict, **kwargs)
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+    except conversion_errors as exc:
         raise ModelError(f"{path}: cannot load a VAE from it ({_first_line(exc)})") from exc
     missing = [n for n, p in vae.named_parameters() if p.device.type == "meta"]
     if missing:

@@ -29,6 +29,9 @@ SINGLE_FILE_EXTENSIONS: dict[str, SingleFileFormat] = {
     ".pt": "ckpt",
     ".pth": "ckpt",
 }
+# A diffusers folder names its pipeline in model_index.json: the one file that marks a folder as a model that
+# `save_diffusers` may replace (any other non-empty folder is refused, see sdtool.fsutil.replace_folder).
+DIFFUSERS_MARKERS = ("model_index.json",)
 MODELSPEC_VERSION = "1.0.1"
 # kohya's sd-scripts writes this for SD1/SD2 too; modelspec readers key on it.
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
@@ -235,7 +238,7 @@ def save_diffusers(
         components[part.encoder] = _cast_copy(getattr(model, part.encoder), dtype)
         components[part.tokenizer] = getattr(model, part.tokenizer)
     pipe = getattr(diffusers, family.pipeline_class)(**components, **family.pipeline_options)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, folder=True, replaces=DIFFUSERS_MARKERS) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=safe_serialization)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

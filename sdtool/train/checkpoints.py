@@ -5,11 +5,12 @@ Their names come from outputs.py (kohya's `<name>-<epoch:06d>`, `<name>-step<ste
 A state folder holds what `accelerate.save_state` writes (trained weights, optimizer, grad scaler, every RNG and
 accelerate's gradient-accumulation counter; loaded back with `weights_only=True`) plus `sdtool_state.json` (step,
 epoch, position in the bucket sampler, seed, learning-rate schedule, the resolved config) and, with EMA,
-`ema.safetensors`. It is written to `.<name>.partial` and renamed, so a folder under its final name is complete.
+`ema.safetensors`. It is written to `.<name>.partial.tmp` and renamed, so a folder under its final name is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,6 +20,15 @@ from typing import Any
 
 from sdtool.console import warn
 from sdtool.errors import ConfigError, SdtoolError
+from sdtool.fsutil import (
+    PARTIAL_TAG,
+    TEMP_SUFFIX,
+    clean_leftovers_of,
+    held_by_live_process,
+    owned,
+    replace_folder,
+    write_error,
+)
 from sdtool.train.config.schema import ResolvedConfig, TrainConfig
 from sdtool.train.outputs import EMA_FILE, STATE_FILE
 
@@ -79,25 +89,42 @@ def prune_after_save(cfg: TrainConfig, kind: str, number: int, every: int) -> No
 
 # ------------------------------------------------------------------------------------------------- state save
 def write_state(accelerator: Any, path: Path, record: dict[str, Any], ema: Any | None) -> Path:
-    """Write a state folder atomically: every rank writes into `.<name>.partial`, rank 0 renames it into place."""
-    partial = path.with_name(f".{path.name}.partial")  # the same name on every rank
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema.save(partial / EMA_FILE)
-        text = json.dumps({"format": STATE_FORMAT, **record}, indent=2, allow_nan=False)
-        (partial / STATE_FILE).write_text(text + "\n", encoding="utf-8")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            partial.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            partial.rename(path)
+    """Write a state folder atomically: every rank writes into `.<name>.partial.tmp`, rank 0 renames it into place.
+
+    Rank 0 holds the partial folder's ownership lock while it is written (see sdtool.fsutil), so a later run
+    removes it only once this process is gone; on a failure it is removed at once and a full disk or a read-only
+    folder becomes one line naming the path.
+    """
+    partial = path.with_name(f".{path.name}.{PARTIAL_TAG}{TEMP_SUFFIX}")  # the same name on every rank
+    main = accelerator.is_main_process
+    with contextlib.ExitStack() as hold:
+        if main:
+            clean_leftovers_of(path)  # what a killed run left under this name
+            if partial.exists():
+                if held_by_live_process(partial):
+                    raise SdtoolError(f"{partial} is being written by another sdtool process", hint="wait for it")
+                shutil.rmtree(partial)  # left by a run whose ownership cannot be told (a file system without locks)
+            try:
+                partial.mkdir(parents=True)
+            except OSError as exc:
+                raise write_error(path, exc, "save the training state to") or exc from exc
+            hold.enter_context(owned(partial))
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(partial))
+            if main:
+                if ema is not None:
+                    ema.save(partial / EMA_FILE)
+                text = json.dumps({"format": STATE_FORMAT, **record}, indent=2, allow_nan=False)
+                (partial / STATE_FILE).write_text(text + "\n", encoding="utf-8")
+                replace_folder(partial, path, markers=(STATE_FILE,))
+        except BaseException as exc:
+            mapped = write_error(path, exc, "save the training state to") if isinstance(exc, Exception) else None
+            if main:
+                shutil.rmtree(partial, ignore_errors=True)  # a partial state must not go on filling the disk
+            if mapped is not None:
+                raise mapped from exc
+            raise
     accelerator.wait_for_everyone()
     return path
 

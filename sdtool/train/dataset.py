@@ -78,15 +78,20 @@ def _assign_bucket(spec: DatasetSpec, image_size: Size) -> buckets.BucketAssignm
 
 
 def _pair(value: Any) -> Size | None:
-    if isinstance(value, list | tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    return None
+    from sdtool.metadata import whole_numbers
+
+    pair = whole_numbers(value, 2) if value is not None else None
+    return (pair[0], pair[1]) if pair is not None else None
 
 
 def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRuntime]]:
-    """Read every subset's metadata into items; missing images are skipped and named (never silently dropped)."""
-    from sdtool.cache.placement import displayed_bucket
+    """Read every subset's metadata into items; unusable entries are skipped and named (never silently dropped):
+    missing images, malformed fields (`metadata.entry_problem`) and placements `cache` would refuse as well
+    (`placement_problem`)."""
+    from sdtool.cache.placement import displayed_bucket, image_file_problem, placement_problem
+    from sdtool.fsutil import read_sidecar_text
     from sdtool.images import read_size
+    from sdtool.metadata import entry_problem
 
     items: list[TrainItem] = []
     subsets: list[SubsetRuntime] = []
@@ -110,19 +115,18 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
                 except InputError as exc:
                     skipped(key, exc.reason)
                     continue
-                if not path.is_file():
-                    skipped(path, "image not found")
+                problem = image_file_problem(path) or entry_problem(entry)
+                if problem is not None:
+                    skipped(path, problem)
                     continue
                 caption = assemble_caption(entry.get("caption"), entry.get("tags"), opts["caption_separator"])
                 if not caption and opts["caption_extension"]:
                     side = path.with_suffix(opts["caption_extension"])
-                    if side.is_file():
-                        try:
-                            caption = side.read_text(encoding="utf-8").strip()
-                        except (OSError, UnicodeDecodeError) as exc:
-                            # Like bucket: the image trains without that text, and the user is told why.
-                            reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
-                            skipped(side, f"cannot read the caption file ({reason})")
+                    try:
+                        caption = read_sidecar_text(side) or ""
+                    except InputError as exc:
+                        # Like bucket: the image trains without that text, and the user is told why.
+                        skipped(side, f"cannot read the caption file ({exc.reason})")
                 image_size = _pair(entry.get("image_size"))
                 bucket = _pair(entry.get("train_resolution")) if spec.enable_bucket else spec.resolution
                 if image_size is None and (bucket is None or entry.get("resized_size") is None):
@@ -135,18 +139,23 @@ def load_items(specs: list[DatasetSpec]) -> tuple[list[TrainItem], list[SubsetRu
                         skipped(path, exc.reason)
                         continue
                 resized = _pair(entry.get("resized_size")) if spec.enable_bucket else None
+                crop = _crop(entry.get("crop_ltrb")) if spec.enable_bucket else None
                 if bucket is None:
                     assert image_size is not None
                     assignment = _assign_bucket(spec, image_size)
                     bucket, resized = assignment.bucket, assignment.resized
-                if resized is None:
+                problem = placement_problem(image_size, bucket, None)  # the sizes, before a resize is computed
+                if problem is None and resized is None:
                     assert image_size is not None
                     resized, _ = buckets.cover_resize(image_size, bucket)
-                crop = entry.get("crop_ltrb") if spec.enable_bucket else None
-                crop_box = (
-                    tuple(crop) if isinstance(crop, list) and len(crop) == 4 else buckets.crop_ltrb(resized, bucket)
-                )
-                items.append(TrainItem(path, caption, bucket, resized, crop_box, image_size, s, d))  # type: ignore[arg-type]
+                if problem is None:
+                    problem = placement_problem(image_size, bucket, resized, crop)
+                if problem is not None:
+                    skipped(path, problem)
+                    continue
+                assert resized is not None
+                crop_box = buckets.crop_ltrb(resized, bucket)
+                items.append(TrainItem(path, caption, bucket, resized, crop_box, image_size, s, d))
     if not items:
         raise SdtoolError("the dataset has no usable images", hint="check metadata_file and image_dir")
     return items, subsets
@@ -165,36 +174,62 @@ def missing_original_sizes(items: list[TrainItem], subsets: list[SubsetRuntime])
     ]
 
 
+def _crop(value: Any) -> tuple[int, int, int, int] | None:
+    from sdtool.metadata import whole_numbers
+
+    box = whole_numbers(value, 4) if value is not None else None
+    return (box[0], box[1], box[2], box[3]) if box is not None else None
+
+
 def drop_undecodable(
     items: list[TrainItem], workers: int | None = None, only: set[Path] | None = None
 ) -> list[TrainItem]:
-    """Decode every image once and drop (naming each) those that cannot be decoded, before training starts.
+    """Decode every image once and drop (naming each) those that cannot be decoded or no longer fit their placement,
+    before training starts.
 
     Bucketing reads headers only, so a truncated JPEG or a PNG with broken pixel data gets into the metadata; found
-    at its first batch it would stop a run hours in. Decoding up front costs one read per image (in threads: Pillow
-    releases the GIL while decoding) and keeps the plan (steps per epoch) true from the start. `only` limits the
-    check to those images (the ones whose latents are still to be encoded).
+    at its first batch it would stop a run hours in. The decoded size is checked against the metadata's
+    `image_size` (an image replaced since `bucket` would be cropped wrongly) and the placement against it
+    (`placement_problem`), with the same words the pixel pipeline would use. Decoding up front costs one read per
+    image (in threads: Pillow releases the GIL while decoding) and keeps the plan (steps per epoch) true. `only` limits
+    the check to those images (the ones whose latents are still to be encoded).
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from sdtool.cache.placement import placement_problem
     from sdtool.images import open_image
 
-    def problem(path: Path) -> str | None:
+    def decoded_size(path: Path) -> Size | str:
         try:
-            open_image(path).close()
+            with open_image(path) as image:
+                return image.size
         except ImageError as exc:
             return exc.reason
-        return None
+
+    def problem(item: TrainItem, size: Size | str) -> str | None:
+        if isinstance(size, str):
+            return size
+        if item.image_size is not None and tuple(item.image_size) != tuple(size):
+            return (
+                f"image is {size[0]}x{size[1]} but the metadata says {item.image_size[0]}x{item.image_size[1]} "
+                "(it changed since sdtool bucket); run sdtool bucket again"
+            )
+        return placement_problem(size, item.bucket, item.resized, item.crop)
 
     paths = sorted({item.image for item in items if only is None or item.image in only})
     with ThreadPoolExecutor(max_workers=workers or min(8, usable_cpus())) as pool:
-        problems = dict(zip(paths, pool.map(problem, paths), strict=True))
-    for path, reason in problems.items():
-        if reason is not None:
-            skipped(path, reason)
-    kept = [item for item in items if problems.get(item.image) is None]
+        sizes = dict(zip(paths, pool.map(decoded_size, paths), strict=True))
+    kept = []
+    named: set[tuple[Path, str]] = set()
+    for item in items:
+        reason = problem(item, sizes[item.image]) if item.image in sizes else None
+        if reason is None:
+            kept.append(item)
+        elif (item.image, reason) not in named:  # an image in two subsets is named once per reason
+            named.add((item.image, reason))
+            skipped(item.image, reason)
     if not kept:
-        raise SdtoolError("the dataset has no usable images", hint="every image failed to decode (named above)")
+        raise SdtoolError("the dataset has no usable images", hint="every image failed its check (named above)")
     return kept
 
 
@@ -373,7 +408,8 @@ def unusable_latents(
 def cache_problems(
     items: list[TrainItem], subsets: list[SubsetRuntime], expected_vae: str | None
 ) -> tuple[list[str], list[str]]:
-    """(missing, stale): one line per image whose cached latents cannot be used (reads entry headers only)."""
+    """(missing, stale): one line per image whose cached latents cannot be used (each entry is read, as training
+    reads it)."""
     from sdtool.cache.entry import MissingLatentsError
 
     missing: list[str] = []

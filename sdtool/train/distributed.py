@@ -128,6 +128,21 @@ def make_loader(
     )
 
 
+def stop_workers(loader: Any) -> None:
+    """Shut down a loader's persistent worker processes now.
+
+    Workers ignore SIGTERM (signals.py), so multiprocessing's exit hook, which terminates daemon processes with
+    SIGTERM and then waits for them, must not be the first to ask them to stop. torch keeps the persistent iterator
+    in the loader's `_iterator`; its `_shutdown_workers` is torch's own orderly shutdown (what its `__del__` runs).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 def accelerator_options(train_text_encoder: bool, clip_skip: int | None) -> dict[str, Any]:
     """Extra `Accelerator(...)` arguments for the launch this process is part of."""
     import torch

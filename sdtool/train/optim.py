@@ -172,3 +172,30 @@ def fuse_backward(optimizer: Any, max_grad_norm: float) -> None:
         for param in group["params"]:
             if param.requires_grad:
                 param.register_post_accumulate_grad_hook(lambda p, g=group: step_one(p, g))
+
+
+def apply_learning_rates(optimizer: Any, scheduler: Any, rates: list[float]) -> list[tuple[int, float, float]]:
+    """Make the configured base rates win over those a resumed state brought back; returns (group, old, new) changes.
+
+    A state restores each parameter group's rate and the schedule's base rates, which would silently keep the old
+    `learning_rate`. For each group whose base rate differs, the new base goes into the schedule (`base_lrs`) and the
+    group (`initial_lr`), and the group's current rate is recomputed at the schedule's current position. Groups
+    whose rate did not change are left untouched, so an unchanged resume stays bit-exact.
+    """
+    changes = []
+    for index, (group, new) in enumerate(zip(optimizer.param_groups, rates, strict=True)):
+        old = scheduler.base_lrs[index]
+        if old == new:
+            continue
+        scheduler.base_lrs[index] = new
+        group["initial_lr"] = new
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is not None:  # LambdaLR (every diffusers schedule): rate = base × factor(position)
+            group["lr"] = new * lambdas[index](scheduler.last_epoch)
+        else:
+            group["lr"] = group["lr"] * new / old if old else new
+        last = getattr(scheduler, "_last_lr", None)
+        if last is not None:
+            last[index] = group["lr"]
+        changes.append((index, float(old), float(new)))
+    return changes

@@ -40,3 +40,18 @@ def model_path(cfg: OutputSettings, stem: str) -> Path:
 def state_path(cfg: OutputSettings, stem: str) -> Path:
     """The state folder beside a save: `<stem>-state`."""
     return Path(cfg.output_dir) / f"{stem}-state"
+
+
+def clean_leftovers(cfg: OutputSettings) -> list[Path]:
+    """Remove what killed runs of this output name left (temp files, partial states), keeping any a live run owns;
+    a model or state folder cut between the two renames of its replacement is put back (see sdtool.fsutil)."""
+    import glob
+
+    from sdtool.fsutil import clean_stale_temps
+
+    out, name = Path(cfg.output_dir), glob.escape(cfg.output_name)
+    touched = []
+    # The final model and its state (`<name>`, `<name>.*`), periodic saves and states (`<name>-*`), metrics.
+    for pattern in (name, f"{name}.*", f"{name}-*", "metrics.jsonl"):
+        touched += clean_stale_temps(out, pattern)
+    return touched + clean_stale_temps(out / "sample", f"{name}_*")  # sample images (sampling.py's names)

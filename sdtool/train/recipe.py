@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import info, warn
+from sdtool.console import debug, info, warn
 from sdtool.errors import ConfigError, NonFiniteError, SdtoolError
 from sdtool.runtime import usable_cpus
 from sdtool.train.checkpoints import check_resume_config, config_record, prune_after_save, read_state, write_state
@@ -29,10 +29,10 @@ from sdtool.train.config.checks import block_lrs
 from sdtool.train.config.schema import ResolvedConfig
 from sdtool.train.dataset import missing_original_sizes, sample_seed
 from sdtool.train.hypernetwork.training import sampling_mode
-from sdtool.train.outputs import EMA_FILE, model_path, save_stem, state_path
+from sdtool.train.outputs import EMA_FILE, clean_leftovers, model_path, save_stem, state_path
 from sdtool.train.plan import Plan
 from sdtool.train.progress import TrainProgress, truncate_metrics
-from sdtool.train.signals import Interrupted, StopRequest, ignore_sigint
+from sdtool.train.signals import Interrupted, StopRequest, batches, ignore_stop_signals
 from sdtool.train.trackers import init_trackers, log_epoch_loss, log_sample_grid, tracker_options
 
 _STEP_STREAM = 1  # separates the per-step seeds from the per-sample seeds derived from the same run seed
@@ -69,6 +69,8 @@ class FineTuneRecipe:
         self.t = cfg.train
         self.plan = plan
         self.state = TrainState(seed=plan.seed)
+        self.last_state: tuple[int, Path] | None = None  # (step, folder) of the last state saved by this run
+        self.stop = StopRequest()  # active (signal handlers installed) while `run` trains and saves
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -185,7 +187,7 @@ class FineTuneRecipe:
         persistent = t.persistent_data_loader_workers and workers > 0
         # Each rank's slice of every global batch (not accelerate's round-robin sharding): see distributed.py.
         self.loader = make_loader(
-            dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", ignore_sigint
+            dataset, self.plan.sampler, collate, acc, workers, persistent, device.type == "cuda", ignore_stop_signals
         )
         prepare_for_backend(acc, min(d.batch_size for d in self.cfg.datasets), bool(trained_encoders))
         denoiser = unet
@@ -234,6 +236,8 @@ class FineTuneRecipe:
         out_dir = Path(t.output_dir)
         if acc.is_main_process:  # only rank 0 writes
             out_dir.mkdir(parents=True, exist_ok=True)
+            for path in clean_leftovers(t):
+                info(f"cleaned up after an interrupted run: {path}")
             metrics = out_dir / "metrics.jsonl"
             if t.resume is not None:
                 truncate_metrics(metrics, self.state.global_step)
@@ -386,16 +390,16 @@ class FineTuneRecipe:
 
     def train(self) -> None:
         """Run optimizer steps until the planned total: metrics, periodic saves, samples and a graceful stop."""
-        acc, state, total = self.accelerator, self.state, self.plan.total_steps
+        acc, state, total, stop = self.accelerator, self.state, self.plan.total_steps, self.stop
         if state.global_step == 0:
             self._maybe_sample(0, epoch_end=False)
         if state.global_step >= total:
             warn(f"the state is already at step {state.global_step} of {total}; nothing left to train")
-        with TrainProgress(total, state.global_step) as self.progress, StopRequest() as stop:
+        with TrainProgress(total, state.global_step) as self.progress:
             while state.global_step < total:
                 self.plan.sampler.set_position(state.epoch, state.batch_in_epoch)
                 micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
-                for batch in self.loader:
+                for batch in batches(self.loader, stop):
                     gen = step_generator(state.seed, state.global_step, micro, acc.device)
                     with acc.accumulate(*self.trained):
                         loss, timesteps = self.compute_loss(batch, gen)
@@ -435,11 +439,24 @@ class FineTuneRecipe:
                         state.batch_in_epoch = 0
                         self._end_epoch(state.epoch)
                     self._after_step(epoch_end)
-                    if self._stop_requested(stop):
+                    # After the last step the final save runs instead, and the stop follows it (see run).
+                    if state.global_step < total and self._stop_requested(stop):
                         self._stop(stop.signal_name)
                     if state.global_step >= total:
                         break
+                if stop.loader_failure is not None:
+                    # The workers went down with the job after the stop request: back to the last whole step.
+                    debug(f"data loader stopped: {stop.loader_failure}")
+                    self._rewind_micro_batches(micro)
+                    self._stop(stop.signal_name)
             self._flush()
+
+    def _rewind_micro_batches(self, micro: int) -> None:
+        """Forget `micro` micro-batches accumulated since the last optimizer step (their gradients and position)."""
+        if micro:
+            self.state.batch_in_epoch -= micro
+            self.accelerator.step -= micro  # accelerate's accumulation counter, saved in the state
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _clip_and_measure(self) -> Any:
         """Clip the gradients (max_grad_norm) and return their total norm, for the non-finite guard."""
@@ -501,9 +518,11 @@ class FineTuneRecipe:
         return bool(self.accelerator.reduce(flag, "max").item())
 
     def _stop(self, signal_name: str | None) -> None:
-        """Save a state after the step that just finished, then stop with exit code 130."""
+        """Save a state after the step that just finished (unless a periodic save just did), then exit with 130."""
         stem = save_stem(self.t.output_name, step=self.state.global_step)
-        path = self.save_state(state_path(self.t, stem))
+        path = state_path(self.t, stem)
+        if self.last_state != (self.state.global_step, path):
+            path = self.save_state(path)
         command = f"sdtool train {shlex.quote(str(self.cfg.path))} --set {shlex.quote(f'resume={path}')}"
         raise Interrupted(
             f"stopped by {signal_name or 'a signal'} after step {self.state.global_step}; state saved to {path}",
@@ -623,12 +642,14 @@ class FineTuneRecipe:
             "num_processes": self.accelerator.num_processes,
             "ema": self.ema is not None,
             "torch": torch.__version__,
+            "model_family": self.model.family.name,
             "config": self._config_record(),
         }
         try:
             out = write_state(self.accelerator, path, record, self.ema)
         except (TypeError, ValueError) as exc:
             raise SdtoolError(f"cannot write the training state to {path}: {exc}") from exc
+        self.last_state = (self.state.global_step, out)
         info(f"saved state {out}")
         return out
 
@@ -641,19 +662,40 @@ class FineTuneRecipe:
         """Load a state folder: weights, optimizer, scaler, RNGs, accumulation counter, schedule, EMA, position."""
         saved = read_state(path)
         check_resume_config(saved["config"], self._config_record(), self.ema is not None, bool(saved.get("ema")))
+        family = saved.get("model_family")
+        if family is not None and family != self.model.family.name:  # weights of another shape: refuse by name
+            from sdtool.models.families import NAMES, by_name
+
+            was = by_name(family).title if family in NAMES else repr(family)
+            raise ConfigError(
+                f"resume: the state {path} was trained on an {was} model, but {self.t.pretrained_model_name_or_path} "
+                f"is {self.model.family.title}",
+                hint="resume with the model the state was saved from (see its sdtool_state.json)",
+            )
         if saved.get("num_processes", 1) != self.accelerator.num_processes:
             warn(
                 f"the state was saved by {saved.get('num_processes')} processes, this run has "
                 f"{self.accelerator.num_processes}: the data order from here on differs"
             )
+        configured = [group.get("initial_lr", group["lr"]) for group in self.optimizer.param_groups]  # the config's
         try:
             self.accelerator.load_state(str(path))
             if self.ema is not None:
                 self.ema.load(path / EMA_FILE)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
-            raise SdtoolError(f"resume: cannot load {path} ({exc})") from exc
+            raise SdtoolError(
+                f"resume: cannot load {path} ({_first_problem(exc)})",
+                hint="a state only resumes the run (model and settings) it was saved from",
+            ) from exc
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         self.state.load_state_dict(saved["train_state"])
+        from sdtool.train.optim import apply_learning_rates
+
+        for index, old, new in apply_learning_rates(self.optimizer, self.lr_scheduler, configured):
+            info(
+                f"learning rate of {self.group_names[index]}: {new:g} from the config replaces {old:g} from the "
+                f"state, from step {self.state.global_step + 1} on"
+            )
         self.epoch_loss = [float(saved["epoch_loss"][0]), int(saved["epoch_loss"][1])]
         info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1})")
 
@@ -688,28 +730,32 @@ class FineTuneRecipe:
         self._flush()
         model = self.model
         vae = model.vae if model.vae is not None else self._sampling_vae()
-        with self._weights_for_output(), sampling_mode(self.hypernetwork):
-            paths = generate_samples(
-                model.unet if self.hypernetwork is not None else acc.unwrap_model(self.unet),
-                vae,
-                [acc.unwrap_model(te) for te in self.text_encoders],
-                model.tokenizers,
-                model.scheduler_config,
-                self.sample_prompts,
-                encode_prompts=self.family.encode_prompts,
-                family=self.family,
-                out_dir=Path(t.output_dir) / "sample",
-                step=step,
-                epoch=epoch,
-                device=acc.device,
-                dtype=self.weight_dtype,
-                default_sampler=t.sample_sampler,
-                default_size=self.cfg.datasets[0].resolution if self.cfg.datasets else (512, 512),
-                max_token_length=t.max_token_length,
-                clip_skip=t.clip_skip,
-                name_prefix=t.output_name,
-                epoch_end=epoch_end,
-            )
+        try:
+            with self._weights_for_output(), sampling_mode(self.hypernetwork):
+                paths = generate_samples(
+                    model.unet if self.hypernetwork is not None else acc.unwrap_model(self.unet),
+                    vae,
+                    [acc.unwrap_model(te) for te in self.text_encoders],
+                    model.tokenizers,
+                    model.scheduler_config,
+                    self.sample_prompts,
+                    encode_prompts=self.family.encode_prompts,
+                    family=self.family,
+                    out_dir=Path(t.output_dir) / "sample",
+                    step=step,
+                    epoch=epoch,
+                    device=acc.device,
+                    dtype=self.weight_dtype,
+                    default_sampler=t.sample_sampler,
+                    default_size=self.cfg.datasets[0].resolution if self.cfg.datasets else (512, 512),
+                    max_token_length=t.max_token_length,
+                    clip_skip=t.clip_skip,
+                    name_prefix=t.output_name,
+                    epoch_end=epoch_end,
+                )
+        except Exception as exc:  # a sample is a by-product: it never ends the run (sampling restores every state)
+            warn(f"the samples at step {step} failed and were skipped ({type(exc).__name__}: {exc}); training goes on")
+            return
         if paths:
             info(f"samples at step {step}: {paths[-1]}")
             log_sample_grid(acc, paths[-1], step)
@@ -734,7 +780,11 @@ class FineTuneRecipe:
         return out
 
     def close(self) -> None:
-        """Close the metrics file and the trackers (also after an error)."""
+        """Stop the data loader's workers, close the metrics file and the trackers (also after an error)."""
+        if getattr(self, "loader", None) is not None:
+            from sdtool.train.distributed import stop_workers
+
+            stop_workers(self.loader)
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
         if getattr(self, "accelerator", None) is not None:
@@ -776,13 +826,31 @@ class FineTuneRecipe:
         return meta
 
     def run(self) -> Path | None:
-        """setup → train → cleanup."""
+        """setup → train → cleanup; from the first step to the end of the final save a signal is a stop request, so
+        a save in progress always finishes first (see signals.py)."""
         try:
-            self.setup()
-            self.train()
-            return self.cleanup()
+            self.setup()  # nothing to save yet: a signal here ends the process at once, as it always did
+            with self.stop:
+                self.train()
+                out = self.cleanup()
         finally:
             self.close()
+        if self.stop.requested:
+            raise Interrupted(
+                f"stopped by {self.stop.signal_name} at the end of the run, after the final save: {out}",
+                hint="the run is complete; nothing to resume",
+            )
+        return out
+
+
+def _first_problem(exc: BaseException) -> str:
+    """The first line of a load error: torch lists every mismatched tensor, one is enough to say what is wrong."""
+    text = " ".join(str(exc).split())
+    for marker in ("size mismatch for ", "Missing key(s)", "Unexpected key(s)"):
+        if marker in text:
+            text = text[text.index(marker) :].split(". ", 1)[0]
+            break
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _version() -> str:

@@ -14,7 +14,9 @@ Keys of the table/object forms are kohya's: `prompt`, `negative_prompt`, `width`
 
 Behaviour (documented differences from kohya in brackets):
 
-* Width and height are rounded down to a multiple of 8, at least 64 (as kohya). Steps must be 1–1000 [kohya clamps].
+* Width and height are rounded down to a multiple of 8, at least 64 (as kohya), and at most 4096 [kohya: no limit, so
+  a typo such as `--w 51200` only fails, out of memory, at the first sample hours into a run]. Steps must be
+  1–1000 [kohya clamps].
 * A prompt without a seed gets seed = its index in the file [kohya: a random seed], so every sampling point renders
   the same noise and samples stay comparable across a run and reproducible across runs.
 """
@@ -56,6 +58,9 @@ DEFAULT_SCALE = 7.5  # kohya's default CFG scale
 
 
 MAX_STEPS = 1000
+
+
+MAX_SIDE = 4096  # 8× SD's native size; the U-Net's attention at 512×512 latents would not fit any GPU anyway
 
 
 # kohya options that parse but mean nothing for SD 1.x/2.x here: refused with a reason instead of ignored.
@@ -233,8 +238,8 @@ def _make_prompt(fields: dict[str, Any], source: str) -> SamplePrompt:
     if "prompt" not in fields:
         raise UsageError(f"{source}: missing 'prompt'")
     for key in ("width", "height"):
-        if key in fields and fields[key] < 8:
-            raise UsageError(f"{source}: {key} must be at least 8, not {fields[key]}")
+        if key in fields and not 8 <= fields[key] <= MAX_SIDE:
+            raise UsageError(f"{source}: {key} must be between 8 and {MAX_SIDE}, not {fields[key]}")
     if "sample_steps" in fields and not 1 <= fields["sample_steps"] <= MAX_STEPS:
         raise UsageError(f"{source}: steps must be between 1 and {MAX_STEPS}, not {fields['sample_steps']}")
     if "seed" in fields and not 0 <= fields["seed"] < 2**64:

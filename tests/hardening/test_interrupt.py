@@ -107,6 +107,7 @@ def test_kill_tag_then_rerun(tmp_path, tiny_tagger):
 
         run_to_end(["tag", folder, *args], tmp_path / f"rerun{attempt}.log")
         assert sidecars(folder, ".txt") == expected, (SEED, attempt)
+        assert temp_files(folder) == [], (SEED, attempt)  # the rerun removed what the kill left
     assert interrupted, f"seed {SEED}: no kill landed while tag was running"
 
 
@@ -167,6 +168,7 @@ def test_kill_bucket_then_rerun(tmp_path):
             assert read_metadata(out)["/elsewhere/kept.png"] == {"caption": "kept"}, (SEED, attempt)
 
         run_to_end(args, tmp_path / f"rerun{attempt}.log")
+        assert temp_files(out_dir) == [], (SEED, attempt)  # the rerun removed what the kill left
         final = read_metadata(out)
         if attempt % 2:
             assert final.pop("/elsewhere/kept.png") == {"caption": "kept"}

@@ -8,11 +8,13 @@ problem must win: exit 2, and the loader's message never appears.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tests.train.conftest import dataset_toml, make_dataset, write_config
 
 CONFIG = """
@@ -85,6 +87,15 @@ CASES = {
     "logging_dir is a file": ('logging_dir = "{tmp}/file.txt"', "logging_dir", ("name a folder",)),
     "safetensors vs ckpt": ('use_safetensors = true\nsave_model_as = "ckpt"', "use_safetensors", ("remove one",)),
     "unknown subset key": ("", "datasets[0].subsets[0].flipaug", ("did you mean 'flip_aug'",)),
+    # Before: passed validation and failed at the end of the run, when the model was saved.
+    "output_name with NUL": ('output_name = "m\\u0000x"', "output_name", ("control characters",)),
+    "output_name too long": (f'output_name = "{"m" * 240}"', "output_name", ("shorten it",)),
+    # Before: accepted, then the first sample (a 51200×512 image) ended the run hours in.
+    "oversized sample": (
+        'sample_prompts = "{tmp}/big.txt"\nsample_every_n_steps = 100',
+        "sample_prompts",
+        ("between 8 and 4096",),
+    ),
 }
 SUBSET = {"unknown subset key": {"flipaug": True}}
 OUTPUT_DIR = {"output_dir is a file": "file.txt"}
@@ -96,6 +107,7 @@ def test_bad_config_is_one_line_naming_the_key_and_the_fix_before_the_model_load
 ):
     text, key, fix = CASES[case]
     (tmp_path / "file.txt").write_text("not a folder\n", encoding="utf-8")
+    (tmp_path / "big.txt").write_text("a cat --w 51200 --h 512\n", encoding="utf-8")
     out = tmp_path / OUTPUT_DIR.get(case, "out")
     extra = text.format(tmp=tmp_path)
     cfg = write(tmp_path, junk_models["v1"], data, extra=extra, subset=SUBSET.get(case), out=out)
@@ -139,3 +151,20 @@ def test_every_problem_is_listed_at_once(cli, tmp_path, junk_models, data):
     assert result.exit_code == 2
     errors = [line.split(":")[1].strip() for line in result.stderr.splitlines() if line.startswith("error:")]
     assert sorted(errors) == ["full_fp16", "lr_scheduler", "v2"], result.stderr
+
+
+def test_validating_optimizer_type_imports_nothing(sdtool_proc, tmp_path, junk_models, data):
+    """Before: finding `pkg.mod.Class` imported (ran) `pkg` while the config was only being checked."""
+    package = tmp_path / "site" / "evilpkg"
+    package.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (package / "optim.py").write_text("class Evil: ...\n")
+    cfg = write(tmp_path, junk_models["v1"], data, extra='optimizer_type = "evilpkg.optim.Evil"')
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(tmp_path / "site")])}
+    result = sdtool_proc("train", cfg, "--print-config", env=env)
+    assert result.returncode == 0, result.stderr
+    assert 'optimizer_type = "evilpkg.optim.Evil"' in result.stdout
+    assert not marker.exists(), "validating the config ran the optimizer's package"
+    missing = sdtool_proc("train", write(tmp_path, junk_models["v1"], data, extra='optimizer_type = "nopkg.X"'))
+    assert missing.returncode == 2 and "error: optimizer_type: cannot find the package 'nopkg'" in missing.stderr

@@ -39,7 +39,7 @@ def test_missing_image_is_skipped_and_named(tmp_path, tiny_v1, capsys):
     cfg = config_for(tmp_path, tiny_v1, meta, images)
     items, _ = load_items(cfg.datasets)
     assert len(items) == 2
-    assert "img1.png: image not found" in capsys.readouterr().err
+    assert "img1.png: image file not found" in capsys.readouterr().err
 
 
 def test_entries_without_train_resolution_are_bucketed_like_sdtool_bucket(tmp_path, tiny_v1):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import difflib
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from sdtool.errors import ConfigError
+from sdtool.errors import ConfigError, SdtoolError
+from sdtool.fsutil import folder_is_replaceable, writable_problem
 from sdtool.train.config.files import format_validation, hub_id_like, read_toml, resolve_path
-from sdtool.train.config.schema import HYPERNETWORK_KEYS, LR_SCHEDULERS, OPTIMIZERS, TrainConfig
+from sdtool.train.config.schema import HYPERNETWORK_KEYS, LR_SCHEDULERS, OPTIMIZERS, DatasetSpec, TrainConfig
 
 
 def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
@@ -32,8 +34,13 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     cfg.output_dir = str(resolve_path(cfg.output_dir, base))
     if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
         problems.append(f"output_dir: {cfg.output_dir} exists and is not a folder; name a folder")
-    if "/" in cfg.output_name or cfg.output_name in ("", ".", ".."):
-        problems.append(f"output_name: {cfg.output_name!r} must be a plain file name")
+    else:
+        unwritable = writable_problem(cfg.output_dir)
+        if unwritable is not None:
+            problems.append(f"output_dir: {unwritable}; choose a folder you can write to")
+    name_problem = output_name_problem(cfg)
+    if name_problem is not None:
+        problems.append(f"output_name: {name_problem}")
     elif not cfg.overwrite:
         # A finished model is never replaced by accident; metrics.jsonl belongs to its run, so it is kept too
         # (a resumed run continues its own metrics.jsonl).
@@ -45,6 +52,16 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         for key, existing in checks:
             if existing.exists():
                 problems.append(f"{key}: {existing} already exists; set overwrite = true to replace it")
+    if name_problem is None and cfg.save_model_as.startswith("diffusers"):
+        from sdtool.models.saving import DIFFUSERS_MARKERS
+        from sdtool.train.outputs import model_path
+
+        final = model_path(cfg, cfg.output_name)
+        if final.is_dir() and not folder_is_replaceable(final, DIFFUSERS_MARKERS):
+            problems.append(
+                f"output_name: {final} is a folder of other files, not a model sdtool wrote, and is never replaced; "
+                "choose another output_name or output_dir"
+            )
     _check_long_run(cfg, base, problems)
     _check_model_flags(cfg, problems)
 
@@ -119,6 +136,46 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append("vae_batch_size: only used by cache_latents (the VAE batch that encodes before training)")
 
 
+def output_name_problem(cfg: TrainConfig) -> str | None:
+    """Why `output_name` cannot name files, or None: a plain name, no control characters, short enough for every
+    file a run derives from it (periodic saves, state folders and their temp names) to fit the 255-byte limit."""
+    from sdtool.train.outputs import model_path, save_stem, state_path
+
+    name = cfg.output_name
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        return f"{name!r} must be a plain file name (no folders)"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return f"{name!r} has control characters; use a plain file name"
+    stem = save_stem(name, step=0)
+    names = (model_path(cfg, stem).name, state_path(cfg, stem).name)
+    longest = max(len(n.encode("utf-8", "surrogateescape")) for n in names)
+    if longest + len(".0123abcd.tmp") + 1 > NAME_MAX:
+        return f"is too long: the files named after it must fit {NAME_MAX} bytes; shorten it"
+    return None
+
+
+NAME_MAX = 255  # bytes in a file name on every common file system
+
+
+def check_outputs_apart(cfg: TrainConfig, datasets: list[DatasetSpec], problems: list[str]) -> None:
+    """Training writes into output_dir (models, states, sample images): it must not be a dataset's image folder."""
+    out = Path(cfg.output_dir).absolute()
+    for d, spec in enumerate(datasets):
+        for s, sub in enumerate(spec.subsets):
+            if sub.image_dir is not None and _same_folder(Path(sub.image_dir), out):
+                problems.append(
+                    f"output_dir: {out} is the image_dir of datasets[{d}].subsets[{s}]; samples and models would be "
+                    "written among the training images; choose another folder"
+                )
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return a.absolute() == b.absolute()
+
+
 def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
     """`v_parameterization` against a local diffusers folder's own JSON configs, before any weights load (`v2` is
     checked against the family by `check_family`).
@@ -177,9 +234,15 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
 
         state = resolve_path(cfg.resume, base)
         cfg.resume = str(state)
+        if not state.exists():
+            from sdtool.fsutil import clean_leftovers_of
+
+            clean_leftovers_of(state)  # a kill mid-replacement of this state: put it back
         if not (state / STATE_FILE).is_file():
             what = "is not an sdtool state folder" if state.is_dir() else "does not exist"
             problems.append(f"resume: {state} {what} (expected {STATE_FILE} in a <name>-state folder)")
+        else:
+            _check_resume_family(cfg, state / STATE_FILE, problems)
 
     scheduled = cfg.sample_every_n_steps is not None or cfg.sample_every_n_epochs is not None or cfg.sample_at_first
     if cfg.sample_prompts is None:
@@ -221,6 +284,35 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             read_toml(tracker_config, "log_tracker_config")
         except ConfigError as exc:
             problems.extend(exc.problems)
+
+
+def _check_resume_family(cfg: TrainConfig, state_file: Path, problems: list[str]) -> None:
+    """A state trained on one model family cannot resume on another (its weights have other shapes): said here when
+    the state records its family and the model is a local diffusers folder, instead of after the model loaded."""
+    from sdtool.fsutil import CONFIG_LIMIT, read_regular_file
+    from sdtool.models import families
+
+    try:
+        saved = json.loads(read_regular_file(state_file, CONFIG_LIMIT, "state file")).get("model_family")
+    except (OSError, ValueError, AttributeError, SdtoolError):
+        return  # unreadable: the resume itself reports it
+    folder = Path(cfg.pretrained_model_name_or_path)
+    if saved not in families.NAMES or not (folder / "unet" / "config.json").is_file():
+        return
+
+    def read(rel: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((folder / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    current = families.detect_configs(read("unet/config.json"), read("text_encoder/config.json"))
+    if current is not None and current.name != saved:
+        problems.append(
+            f"resume: the state was trained on an {families.by_name(saved).title} model, but {folder} is "
+            f"{current.title}; resume with the model the state was saved from"
+        )
 
 
 def _check_hypernetwork(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
@@ -329,13 +421,16 @@ def _check_optimizer(cfg: TrainConfig, problems: list[str]) -> None:
         if needs and importlib.util.find_spec(needs) is None:
             problems.append(f"optimizer_type: {canonical} needs the package {needs!r}, which is not installed")
     else:
+        # Only the top-level package is looked up: find_spec("pkg.mod") would import (run) `pkg` to search it, and
+        # validating a config must run nothing. The class itself is imported when training builds the optimizer.
         module = name.rsplit(".", 1)[0]
+        top = module.split(".", 1)[0]
         try:
-            found = importlib.util.find_spec(module) is not None
+            found = bool(top) and importlib.util.find_spec(top) is not None
         except (ImportError, ValueError):
             found = False
         if not found:
-            problems.append(f"optimizer_type: cannot find the module {module!r}")
+            problems.append(f"optimizer_type: cannot find the package {top!r} (of {name!r}); is it installed?")
     from sdtool.train.optim import parse_optimizer_args
 
     try:
