@@ -26,7 +26,7 @@ from sdtool.cache.kohya_npz import kohya_npz_path, write_kohya_npz
 from sdtool.cache.placement import CacheItem, plan_items
 from sdtool.cache.ranks import QuietSkips, Ranks
 from sdtool.cache.store import entry_status
-from sdtool.console import Output, SkipReporter, debug, info, progress_bar
+from sdtool.console import Output, SkipReporter, debug, info, plural, progress_bar
 from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
 from sdtool.fsutil import TEMP_SUFFIX
 from sdtool.runtime import usable_cpus
@@ -200,7 +200,8 @@ def run_cache(
 
         todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
         if not todo:
-            info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
+            entries = plural(summary.kept, "cache entry is", "cache entries are")
+            info(f"all {entries} up to date" if summary.kept else "nothing to encode")
             return summary
 
         import torch
@@ -211,7 +212,10 @@ def run_cache(
         precision = options.precision or "fp32"
         dtype = torch_dtype(precision)
         if vae_module is None:
-            vae_module = load_cache_vae(model, vae, dtype, device)
+            from sdtool.console import loading
+
+            with loading(f"the VAE of {vae_source}"):
+                vae_module = load_cache_vae(model, vae, dtype, device)
         memory_format = conv_memory_format(device)
         vae_module = vae_module.to(memory_format=memory_format)
         if fingerprint is None:
@@ -232,7 +236,8 @@ def run_cache(
         workers = options.workers if options.workers is not None else usable_cpus()
         batches = bucket_batches(todo, options.batch_size)
         info(
-            f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
+            f"encoding {plural(len(todo), 'image')} in {plural(len(batches), 'batch', 'batches')} on {device} "
+            f"({precision})"
             + (f", {ranks.size} processes" if ranks.size > 1 else "")
             + (f", {summary.kept} up to date" if summary.kept else "")
         )

@@ -129,6 +129,7 @@ def load_model(
 def _load_diffusers(
     src: str, model_type: ModelTypeArg, prediction: PredictionArg, dtype: Any, components: tuple[str, ...]
 ) -> SDModel:
+    name, src = src, _local_copy(src, components)  # messages name the model as given; files come from a folder
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -148,21 +149,33 @@ def _load_diffusers(
             te_kwargs = {"dtype": dtype} if dtype is not None else {}
             loaded["text_encoder"] = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **te_kwargs)
         if "tokenizer" in components:
-            loaded["tokenizer"] = checked_tokenizer(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"), src)
+            loaded["tokenizer"] = checked_tokenizer(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer"), name)
     except OSError as exc:
-        raise ModelError(f"{src}: cannot load the model ({exc})") from exc
+        raise ModelError(f"{name}: cannot load the model ({exc})") from exc
     detected_v = scheduler_config.get("prediction_type") == "v_prediction"
     detected = families.detect_configs(unet_config, text_config)
-    family, v = resolve_family(detected, detected_v, model_type, prediction, src)
+    family, v = resolve_family(detected, detected_v, model_type, prediction, name)
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
     return SDModel(
-        source=src,
+        source=name,
         family=family,
         v_prediction=v,
         scheduler_config=scheduler_config,
         source_dtype=_folder_dtype(Path(src) / "unet"),
         **loaded,
     )
+
+
+def _local_copy(src: str, components: tuple[str, ...]) -> str:
+    """A hub id's folders, from the local cache or downloaded once (see hub.py); a local path as it is."""
+    from sdtool.models import hub
+
+    if not hub.is_hub_id(src):
+        return src
+    # The configs of scheduler, U-Net and text encoder are always read (detection); weights only where loaded.
+    folders = {"": False, "scheduler": False, "unet": False, "text_encoder": False}
+    folders.update({name: name != "tokenizer" for name in components})
+    return str(hub.local_model(src, what="the model", folders=folders))
 
 
 def _folder_dtype(folder: Path) -> Any:
@@ -346,9 +359,17 @@ def _tokenizer_for(config_dir: Path, family: ModelFamily, explicit: bool) -> Any
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"{config_dir}: no usable tokenizer/ ({_first_line(exc)})") from exc
+    from sdtool.models import hub
+
     repo, subfolder = family.default_tokenizer
+    local = hub.local_model(
+        repo,
+        what=f"the {family.title} tokenizer",
+        folders={"": False, **({subfolder: False} if subfolder else {})},
+        local_hint="pass --config DIR, a diffusers folder of the same model family with a tokenizer/ in it",
+    )
     try:
-        return checked_tokenizer(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder), repo)
+        return checked_tokenizer(CLIPTokenizer.from_pretrained(str(local), subfolder=subfolder), repo)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"the {family.title} tokenizer ({repo}) is neither in the hub cache nor downloadable ({_first_line(exc)})",
@@ -375,18 +396,21 @@ def load_vae(
     Single files may be a VAE alone (LDM or diffusers keys) or a full LDM checkpoint; their config comes from
     `config` (a diffusers folder or a VAE folder) or is read off the weights' shapes.
     """
-    quiet_third_party()
-    from diffusers import AutoencoderKL
+    from sdtool.models import hub
 
+    quiet_third_party()
     src = str(source)
     path = Path(src)
+    local = hub.local_model(src, what="the VAE", folders={"": False, "vae": True}) if hub.is_hub_id(src) else src
+    from diffusers import AutoencoderKL
+
     kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
     if path.is_file():
         return _load_vae_file(path, dtype, allow_pickle, config)
     try:
         if path.is_dir() and (path / "config.json").is_file():
             return AutoencoderKL.from_pretrained(src, **kwargs)
-        return AutoencoderKL.from_pretrained(src, subfolder="vae", **kwargs)
+        return AutoencoderKL.from_pretrained(str(local), subfolder="vae", **kwargs)
     except OSError as exc:
         raise ModelError(f"{src}: cannot load a VAE ({exc})") from exc
 
