@@ -59,6 +59,18 @@ class LaunchOptions:
     def given(self) -> bool:
         return any(v is not None for v in vars(self).values())
 
+    def flags(self) -> list[str]:
+        """The `sdtool train` flags that give these options, as a person types them."""
+        names = {
+            "num_processes": "--num-processes",
+            "num_machines": "--num-machines",
+            "machine_rank": "--machine-rank",
+            "main_process_ip": "--main-process-ip",
+            "main_process_port": "--main-process-port",
+            "config_file": "--accelerate-config",
+        }
+        return [x for key, flag in names.items() if (v := getattr(self, key)) is not None for x in (flag, str(v))]
+
 
 def check_launch(options: LaunchOptions) -> None:
     """Refuse launches that cannot work, before any process starts (all problems at once)."""
@@ -138,12 +150,12 @@ def launch_argv(options: LaunchOptions, sdtool_args: list[str]) -> list[str]:
     return [*argv, "-m", "sdtool", *sdtool_args]
 
 
-def run_launch(options: LaunchOptions, sdtool_args: list[str]) -> int:
-    """Check the options, run `accelerate launch`, and return its exit code."""
+def run_launch(options: LaunchOptions, sdtool_args: list[str], env: dict[str, str] | None = None) -> int:
+    """Check the options, run `accelerate launch` (with `env` added to the environment), return its exit code."""
     from sdtool.console import debug, info
 
     check_launch(options)
     argv = launch_argv(options, sdtool_args)
     info(f"launching: accelerate launch {' '.join(argv[3:])}")
     debug(" ".join(argv))
-    return subprocess.run(argv, check=False).returncode
+    return subprocess.run(argv, check=False, env={**os.environ, **(env or {})}).returncode
