@@ -89,7 +89,7 @@ def check_launch(options: LaunchOptions) -> None:
             if value is None
         ]
         if missing:
-            problems.append(f"--num-machines {machines} needs {', '.join(missing)} (see README: Multi-GPU)")
+            problems.append(f"--num-machines {machines} needs {', '.join(missing)} (see docs/multi-gpu.md)")
         if options.num_processes is None and options.config_file is None:
             problems.append("--num-machines needs --num-processes (the total over all machines)")
     if options.machine_rank is not None and options.machine_rank >= machines:
