@@ -157,7 +157,7 @@ def vae_weight_file(source: str | Path) -> Path:
         from sdtool.models import hub
 
         # A model's vae/, or a VAE repo's own top level, in the local cache (never the network).
-        snapshot = hub.cached_snapshot(src, {"": False, "vae": True}) or hub.cached_snapshot(src, {"": True})
+        snapshot = hub.cached_snapshot(src, {"vae": True}) or hub.cached_snapshot(src, {"": True})
         if snapshot is not None:
             return vae_weight_file(snapshot)
         raise ModelError(

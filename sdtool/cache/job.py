@@ -204,6 +204,11 @@ def run_cache(
             info(f"all {entries} up to date" if summary.kept else "nothing to encode")
             return summary
 
+        if vae is None and model is not None:
+            from sdtool.models.loading import local_copy
+
+            local_copy(model, ("vae",))  # a hub model not in the cache is fetched, or fails at once, before torch loads
+
         import torch
 
         from sdtool.runtime import resolve_device, torch_dtype

@@ -100,12 +100,12 @@ class Captioner:
 
         quiet_third_party()
         self.source = source
+        if hub.is_hub_id(source):  # from the local cache (or downloaded once): transformers never goes online
+            source = str(hub.local_model(source, what="the captioning model", folders={"": True}))
         self.settings = settings
         self.prompt = prompt or None
         self.device = resolve_device(device)
         self.dtype = torch_dtype(precision)
-        if hub.is_hub_id(source):  # from the local cache (or downloaded once): transformers never goes online
-            source = str(hub.local_model(source, what="the captioning model", folders={"": True}))
         with loading(f"the captioning model {self.source}"):
             self.processor = _load_processor(source, trust_remote_code)
             self.model = _load_model(source, trust_remote_code, self.dtype).to(self.device).eval()

@@ -95,18 +95,19 @@ def local_model(
 def cached_snapshot(repo_id: str, folders: dict[str, bool] | None = None, files: Sequence[str] = ()) -> Path | None:
     """The cached snapshot folder of `repo_id` (its main revision) when it holds everything asked for; no network.
 
-    The snapshot is found through one file every copy has (the first of `files`, else `model_index.json` for a
-    diffusers repo, else `config.json`), then checked for the rest.
+    The snapshot is found through one file every copy has (the first of `files`; else `model_index.json` for a
+    diffusers repo's top level, `config.json` for another repo's, or the first folder's `config.json`), then checked
+    for the rest.
     """
     from huggingface_hub import try_to_load_from_cache
 
     folders = folders or {}
     if files:
         anchor = files[0]
-    elif any(folder for folder in folders):
-        anchor = "model_index.json"
+    elif "" in folders:
+        anchor = "model_index.json" if len(folders) > 1 else "config.json"
     else:
-        anchor = "config.json"
+        anchor = f"{next(iter(folders), '')}/config.json".lstrip("/")
     found = try_to_load_from_cache(repo_id, anchor)
     if not isinstance(found, str):
         return None

@@ -129,7 +129,7 @@ def load_model(
 def _load_diffusers(
     src: str, model_type: ModelTypeArg, prediction: PredictionArg, dtype: Any, components: tuple[str, ...]
 ) -> SDModel:
-    name, src = src, _local_copy(src, components)  # messages name the model as given; files come from a folder
+    name, src = src, local_copy(src, components)  # messages name the model as given; files come from a folder
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -166,8 +166,11 @@ def _load_diffusers(
     )
 
 
-def _local_copy(src: str, components: tuple[str, ...]) -> str:
-    """A hub id's folders, from the local cache or downloaded once (see hub.py); a local path as it is."""
+def local_copy(src: str, components: tuple[str, ...] = COMPONENTS) -> str:
+    """A hub id's folders for `components`, from the local cache or downloaded once (see hub.py); a path as it is.
+
+    Cheap (no torch): commands call it first, so a model that cannot be had fails before the heavy imports.
+    """
     from sdtool.models import hub
 
     if not hub.is_hub_id(src):

@@ -290,5 +290,5 @@ def test_hub_repo_ids_resolve_through_the_hugging_face_cache(sdtool_proc, colour
 
     missing = sdtool_proc("tag", colour_images, "-m", "SmilingWolf/not-cached", "--overwrite", env=env)
     assert missing.returncode == 1
-    assert "cannot get model.onnx from the hub repo SmilingWolf/not-cached" in missing.stderr
+    assert "the tagger SmilingWolf/not-cached is not in the Hugging Face cache" in missing.stderr
     assert "Traceback" not in missing.stderr
