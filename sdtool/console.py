@@ -158,8 +158,8 @@ class LineProgress:
 
 @contextmanager
 def loading(what: str, announce_after: float = 2.0) -> Iterator[None]:
-    """Say what is loading, then how long it took: a spinner on a terminal; in a log a line once the load has taken
-    `announce_after` seconds (a quick load, or one that fails at once, adds no line of its own)."""
+    """Say what is loading and, when it took a second or more, how long: a spinner on a terminal; in a log a line once
+    the load has taken `announce_after` seconds (a quick load, or one that fails at once, adds no line)."""
     started = time.perf_counter()
     if verbosity() <= QUIET:
         yield
@@ -175,7 +175,9 @@ def loading(what: str, announce_after: float = 2.0) -> Iterator[None]:
             yield
         finally:
             timer.cancel()
-    info(f"loaded {escape(what)} in {time.perf_counter() - started:.1f} s")
+    elapsed = time.perf_counter() - started
+    if elapsed >= 1.0:
+        info(f"loaded {escape(what)} in {elapsed:.1f} s")
 
 
 def make_progress(*extra_columns: Any) -> Progress:

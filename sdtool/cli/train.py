@@ -119,7 +119,7 @@ def command(
         if cfg.train.resume is not None:
             sets.append(f"resume={cfg.train.resume}")  # every process continues the state this one chose
         args = [*level, "train", str(config.resolve()), *(x for s in sets for x in ("--set", s))]
-        typed = own_command[:1] + launch.flags() + own_command[1:]
+        typed = own_command + launch.flags()
         code = run_launch(launch, args + ["--dry-run"] * dry_run, env={COMMAND_ENV: json.dumps(typed)})
         if code:
             raise typer.Exit(code)

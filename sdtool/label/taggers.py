@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import Output, SkipReporter, info, plural, progress_bar, warn
+from sdtool.console import Output, SkipReporter, info, loading, plural, progress_bar, warn
 from sdtool.errors import UsageError
 from sdtool.images import find_images
 from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
@@ -136,7 +136,8 @@ def tag_images(
     if not todo:
         return run
 
-    tagger = Tagger(model, device)
+    with loading(f"the tagger {model}"):
+        tagger = Tagger(model, device)
     info(tagger.describe())
     if options.use_rating_tags and not any(t.category == RATING for t in tagger.tags):
         warn("--use-rating-tags: this model has no rating tags")
