@@ -19,6 +19,8 @@ from sdtool.cli.options import (
     Precision,
     StrictOpt,
     WorkersOpt,
+    check_model_source,
+    check_weights_source,
     flag,
     json_option,
 )
@@ -45,7 +47,10 @@ def command(
     model: Annotated[
         str | None,
         typer.Option(
-            "--model", "-m", help="Model whose VAE encodes: hub id, folder or single file (no default; or --vae)."
+            "--model",
+            "-m",
+            help="Model whose VAE encodes: hub id, folder or single file (no default; or --vae).",
+            callback=check_model_source,
         ),
     ] = None,
     image_dir: Annotated[
@@ -55,7 +60,12 @@ def command(
         ),
     ] = None,
     vae: Annotated[
-        str | None, typer.Option("--vae", help="A separate VAE (folder, hub id or file; default: the model's).")
+        str | None,
+        typer.Option(
+            "--vae",
+            help="A separate VAE (folder, hub id or file; default: the model's).",
+            callback=check_weights_source,
+        ),
     ] = None,
     batch_size: BatchSizeOpt = 4,
     flip_aug: Annotated[bool, flag("--flip-aug", help="Also encode each image mirrored.")] = False,

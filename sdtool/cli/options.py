@@ -80,7 +80,7 @@ def _check_config_input(value: Path | None) -> Path | None:
     return value
 
 
-def _check_model_input(value: str | None) -> str | None:
+def check_model_source(value: str | None) -> str | None:
     """A single-file checkpoint, a diffusers folder or a hub id (owner/name)."""
     if value is None:
         return value
@@ -92,6 +92,13 @@ def _check_model_input(value: str | None) -> str | None:
         )
     if not path.exists() and not _hub_id_like(value):
         raise typer.BadParameter(f"{value} does not exist; {expected}")
+    return value
+
+
+def check_weights_source(value: str | None) -> str | None:
+    """A VAE or model given as an option: an existing file or folder, or a hub id."""
+    if value is not None and not Path(value).expanduser().exists() and not _hub_id_like(value):
+        raise typer.BadParameter(f"{value} does not exist; expected a file, a folder or a hub id (owner/name)")
     return value
 
 
@@ -128,7 +135,7 @@ ModelSourceArg = Annotated[
         help="Single file (.safetensors/.ckpt), diffusers folder or hub id.",
         metavar="SRC",
         show_default=False,
-        callback=_check_model_input,
+        callback=check_model_source,
     ),
 ]
 # What each argument of a command expects, by its metavar (tests/cli/test_conventions.py checks every command's
