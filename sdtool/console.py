@@ -112,6 +112,10 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _now() -> float:
+    return time.perf_counter()
+
+
 class LineProgress:
     """Progress for logs: a plain line when work starts, then at most one every `interval` seconds, and one at the
     end (count, rate, ETA and any `stats`), instead of a bar that only a terminal can redraw."""
@@ -120,7 +124,7 @@ class LineProgress:
         self.description, self.total, self.unit = description, total, unit
         self.start_done = self.done = done
         self.stats = ""
-        self.started = time.perf_counter()
+        self.started = _now()
         self.last_line: float | None = None
         self.last_done: int | None = None
         self.interval = progress_interval()
@@ -129,14 +133,14 @@ class LineProgress:
         self.done = completed if completed is not None else self.done + advance
         if stats is not None:
             self.stats = stats
-        now = time.perf_counter()
+        now = _now()
         finished = self.total is not None and self.done >= self.total
         if self.last_line is None or finished or now - self.last_line >= self.interval:
             self.line(now)
 
     def line(self, now: float | None = None) -> None:
         """Print where the work is (once per count)."""
-        now = time.perf_counter() if now is None else now
+        now = _now() if now is None else now
         if self.done == self.last_done:
             return
         self.last_line, self.last_done = now, self.done

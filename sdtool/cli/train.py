@@ -64,7 +64,7 @@ def command(
     import os
 
     from sdtool.console import error_line, info, mute_secondary_process, warn
-    from sdtool.errors import ConfigError
+    from sdtool.errors import ConfigError, SdtoolError
     from sdtool.launch import LaunchOptions, process_rank
 
     launch = LaunchOptions(
@@ -142,6 +142,8 @@ def command(
             info(f"cached latents: {ok} ok, {len(missing)} missing, {len(stale)} stale")
         try:
             memory = estimate_memory(cfg)
+        except SdtoolError as exc:  # a hub model that is not cached and cannot be fetched
+            warn(f"no memory estimate: {exc.one_line()}")
         except (OSError, ValueError) as exc:  # e.g. a single-file model: the estimate reads diffusers configs
             warn(f"no memory estimate: {' '.join(str(exc).split())[:200]}")
         else:
