@@ -74,8 +74,9 @@ def test_a_fresh_run_starts_and_a_finished_one_is_left_alone(tmp_path, tiny_v1):
 def test_an_interrupted_run_continues_from_its_newest_state(tmp_path, tiny_v1):
     cfg = load_config(config(tmp_path, tiny_v1, "out"))
     old = fake_state(cfg, "m-step00000008-state", 8)
-    time.sleep(0.01)
     new = fake_state(cfg, "m-step00000002-state", 2)  # written later, e.g. by an overwrite run: newest wins
+    hour_ago = time.time() - 3600  # set, not slept: file systems keep mtimes at different resolutions
+    os.utime(old / STATE_FILE, (hour_ago, hour_ago))
     fake_state(cfg, "other-step00000009-state", 9)  # another output name: not this run's
     (Path(cfg.train.output_dir) / ".m-step00000003-state.partial").mkdir()  # a save cut short: never a state
     assert state_folders(cfg.train) == [new, old]
