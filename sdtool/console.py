@@ -2,7 +2,10 @@
 
 - `err` is the rich console on stderr for progress bars, warnings and summaries;
 - `Output` writes data to stdout: written paths, or one JSON object per line with `--json`;
-- `SkipReporter` names each skipped input (`skipped <path>: <reason>`) and closes with a summary.
+- `SkipReporter` names each skipped input (`skipped <path>: <reason>`) and closes with a summary;
+- progress: a rich bar on a terminal; when stderr is not a terminal (nohup, a job scheduler, `2> log`) plain lines
+  at the start, every `SDTOOL_PROGRESS_EVERY` seconds (30 by default) and at the end, so a long run's log shows
+  how far it is instead of one bar drawn when it ends.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,6 +85,105 @@ def print_table(table: Any) -> None:
         err.print(table)
 
 
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """`1 image`, `2 images`: counts read as a person writes them."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
+def live_progress() -> bool:
+    """A redrawn progress bar only where someone watches it: stderr is a terminal."""
+    return err.is_terminal
+
+
+PROGRESS_EVERY_ENV = "SDTOOL_PROGRESS_EVERY"
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines in logs (`SDTOOL_PROGRESS_EVERY`, default 30)."""
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_EVERY_ENV, "30")))
+    except ValueError:
+        return 30.0
+
+
+def duration(seconds: float) -> str:
+    """`0:20:47`, for elapsed times and ETAs."""
+    seconds = max(0, int(seconds + 0.5))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+class LineProgress:
+    """Progress for logs: a plain line when work starts, then at most one every `interval` seconds, and one at the
+    end (count, rate, ETA and any `stats`), instead of a bar that only a terminal can redraw."""
+
+    def __init__(self, description: str, total: int | None, done: int = 0, unit: str = "images"):
+        self.description, self.total, self.unit = description, total, unit
+        self.start_done = self.done = done
+        self.stats = ""
+        self.started = _now()
+        self.last_line: float | None = None
+        self.last_done: int | None = None
+        self.interval = progress_interval()
+
+    def update(self, completed: int | None = None, advance: int = 0, stats: str | None = None) -> None:
+        self.done = completed if completed is not None else self.done + advance
+        if stats is not None:
+            self.stats = stats
+        now = _now()
+        finished = self.total is not None and self.done >= self.total
+        if self.last_line is None or finished or now - self.last_line >= self.interval:
+            self.line(now)
+
+    def line(self, now: float | None = None) -> None:
+        """Print where the work is (once per count)."""
+        now = _now() if now is None else now
+        if self.done == self.last_done:
+            return
+        self.last_line, self.last_done = now, self.done
+        elapsed = now - self.started
+        parts = [f"{self.description}: {self.done}/{self.total if self.total is not None else '?'} {self.unit}"]
+        if self.stats:
+            parts.append(self.stats)
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        if rate > 0:
+            parts.append(f"{rate:.2f} {self.unit}/s" if rate >= 0.1 else f"{1 / rate:.1f} s per {self.unit[:-1]}")
+            parts.append(f"elapsed {duration(elapsed)}")
+            if self.total is not None and self.done < self.total:
+                parts.append(f"eta {duration((self.total - self.done) / rate)}")
+        info(", ".join(parts))
+
+    def close(self) -> None:
+        self.line()
+
+
+@contextmanager
+def loading(what: str, announce_after: float = 2.0) -> Iterator[None]:
+    """Say what is loading and, when it took a second or more, how long: a spinner on a terminal; in a log a line once
+    the load has taken `announce_after` seconds (a quick load, or one that fails at once, adds no line)."""
+    started = time.perf_counter()
+    if verbosity() <= QUIET:
+        yield
+        return
+    if live_progress():
+        with err.status(f"loading {escape(what)} …"):
+            yield
+    else:
+        timer = threading.Timer(announce_after, info, [f"loading {escape(what)} …"])
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+    elapsed = time.perf_counter() - started
+    if elapsed >= 1.0:
+        info(f"loaded {escape(what)} in {elapsed:.1f} s")
+
+
 def make_progress(*extra_columns: Any) -> Progress:
     """A rich progress bar on stderr; silent with `-q`."""
     return Progress(
@@ -99,8 +202,22 @@ def make_progress(*extra_columns: Any) -> Progress:
 
 
 @contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Any]:
-    """`with progress_bar("bucket", n) as advance: advance(1)`."""
+def progress_bar(description: str, total: int | None, unit: str = "images") -> Iterator[Callable[[int], None]]:
+    """`with progress_bar("bucket", n) as advance: advance(1)`: a bar on a terminal, lines in a log."""
+    if not live_progress():
+        lines = LineProgress(description, total, unit=unit)
+        quiet = verbosity() <= QUIET
+
+        def step(n: int = 1) -> None:
+            if not quiet:
+                lines.update(advance=n)
+
+        try:
+            yield step
+        finally:
+            if not quiet:
+                lines.close()
+        return
     with make_progress() as progress:
         task = progress.add_task(description, total=total)
 
@@ -173,7 +290,7 @@ class SkipReporter:
     def finish(self, action: str = "processed") -> None:
         """Print the closing summary; raise StrictModeError when `--strict` and anything was skipped."""
         n_skipped = len(self.skipped)
-        line = f"{action} {self.done} {self.noun}"
+        line = f"{action} {plural(self.done, self.noun.removesuffix('s'), self.noun)}"
         if n_skipped:
             line += f", skipped {n_skipped}"
         info(line)

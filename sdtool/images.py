@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sdtool.errors import ImageError
+from sdtool.errors import ImageError, UsageError
 from sdtool.fsutil import file_problem
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default limit
@@ -67,6 +67,23 @@ def list_images(dirs: Iterable[str | Path], recursive: bool = False) -> list[Pat
         for name in _walk_files(str(d), exts, recursive):
             found.add(Path(name))
     return sorted(found, key=lambda p: str(p))
+
+
+def find_images(dirs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """`list_images`, refusing to find none: a usage error (exit 2) naming the folders, and `--recursive` when
+    sub-folders hold images."""
+    dirs = list(dirs)
+    found = list_images(dirs, recursive)
+    if found:
+        return found
+    where = ", ".join(str(d) for d in dirs)
+    deeper = [] if recursive else list_images([d for d in dirs if Path(d).is_dir()], recursive=True)
+    hint = (
+        f"{len(deeper)} image{' is' if len(deeper) == 1 else 's are'} in sub-folders: add --recursive"
+        if deeper
+        else f"expected folders of {', '.join(e[1:] for e in image_extensions())} images"
+    )
+    raise UsageError(f"no images in {where}", hint=hint)
 
 
 # Pillow tries its plugins one after another; naming the one the extension implies skips the failed attempts

@@ -59,6 +59,18 @@ class LaunchOptions:
     def given(self) -> bool:
         return any(v is not None for v in vars(self).values())
 
+    def flags(self) -> list[str]:
+        """The `sdtool train` flags that give these options, as a person types them."""
+        names = {
+            "num_processes": "--num-processes",
+            "num_machines": "--num-machines",
+            "machine_rank": "--machine-rank",
+            "main_process_ip": "--main-process-ip",
+            "main_process_port": "--main-process-port",
+            "config_file": "--accelerate-config",
+        }
+        return [x for key, flag in names.items() if (v := getattr(self, key)) is not None for x in (flag, str(v))]
+
 
 def check_launch(options: LaunchOptions) -> None:
     """Refuse launches that cannot work, before any process starts (all problems at once)."""
@@ -77,7 +89,7 @@ def check_launch(options: LaunchOptions) -> None:
             if value is None
         ]
         if missing:
-            problems.append(f"--num-machines {machines} needs {', '.join(missing)} (see README: Multi-GPU)")
+            problems.append(f"--num-machines {machines} needs {', '.join(missing)} (see docs/multi-gpu.md)")
         if options.num_processes is None and options.config_file is None:
             problems.append("--num-machines needs --num-processes (the total over all machines)")
     if options.machine_rank is not None and options.machine_rank >= machines:
@@ -138,12 +150,12 @@ def launch_argv(options: LaunchOptions, sdtool_args: list[str]) -> list[str]:
     return [*argv, "-m", "sdtool", *sdtool_args]
 
 
-def run_launch(options: LaunchOptions, sdtool_args: list[str]) -> int:
-    """Check the options, run `accelerate launch`, and return its exit code."""
+def run_launch(options: LaunchOptions, sdtool_args: list[str], env: dict[str, str] | None = None) -> int:
+    """Check the options, run `accelerate launch` (with `env` added to the environment), return its exit code."""
     from sdtool.console import debug, info
 
     check_launch(options)
     argv = launch_argv(options, sdtool_args)
     info(f"launching: accelerate launch {' '.join(argv[3:])}")
     debug(" ".join(argv))
-    return subprocess.run(argv, check=False).returncode
+    return subprocess.run(argv, check=False, env={**os.environ, **(env or {})}).returncode

@@ -154,15 +154,12 @@ def vae_weight_file(source: str | Path) -> Path:
                         return folder / name
         raise ModelError(f"{src}: no VAE weights found (looked for vae/diffusion_pytorch_model.* and ./)")
     if src.count("/") == 1 and not src.startswith((".", "/")):
-        from huggingface_hub import try_to_load_from_cache
+        from sdtool.models import hub
 
-        for subfolder in ("vae/", ""):
-            if not isinstance(try_to_load_from_cache(src, subfolder + "config.json"), str):
-                continue
-            for name in _VAE_WEIGHT_NAMES:
-                found = try_to_load_from_cache(src, subfolder + name)
-                if isinstance(found, str):
-                    return Path(found)
+        # A model's vae/, or a VAE repo's own top level, in the local cache (never the network).
+        snapshot = hub.cached_snapshot(src, {"vae": True}) or hub.cached_snapshot(src, {"": True})
+        if snapshot is not None:
+            return vae_weight_file(snapshot)
         raise ModelError(
             f"{src}: the VAE is not in the local Hugging Face cache, so it cannot be fingerprinted",
             hint="run sdtool cache once with this model (it downloads it)",

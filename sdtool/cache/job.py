@@ -33,7 +33,7 @@ from sdtool.cache.kohya_npz import KohyaSuffix, kohya_crop_ltrb, kohya_npz_path,
 from sdtool.cache.placement import CacheItem, plan_items
 from sdtool.cache.ranks import QuietSkips, Ranks
 from sdtool.cache.store import entry_status
-from sdtool.console import Output, SkipReporter, debug, info, progress_bar
+from sdtool.console import Output, SkipReporter, debug, info, plural, progress_bar
 from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
 from sdtool.fsutil import clean_stale_temps
 from sdtool.runtime import usable_cpus
@@ -249,11 +249,17 @@ def encode_items(
 
     todo = _select_work(items, cache_dir, fingerprint, options, output, summary)
     if not todo:
-        info(f"all {summary.kept} cache entries are up to date" if summary.kept else "nothing to encode")
+        entries = plural(summary.kept, "cache entry is", "cache entries are")
+        info(f"all {entries} up to date" if summary.kept else "nothing to encode")
         return summary
     from sdtool.cache.pixels import check_interpolation
 
     check_interpolation(options.interpolation)
+
+    if vae is None and model is not None and vae_module is None:
+        from sdtool.models.loading import local_copy
+
+        local_copy(model, ("vae",))  # a hub model not in the cache is fetched, or fails at once, before torch loads
 
     import torch
 
@@ -263,7 +269,10 @@ def encode_items(
     precision = options.precision or "fp32"
     dtype = torch_dtype(precision)
     if vae_module is None:
-        vae_module = load_cache_vae(model, vae, dtype, device)
+        from sdtool.console import loading
+
+        with loading(f"the VAE of {vae_source}"):
+            vae_module = load_cache_vae(model, vae, dtype, device)
     if fingerprint is None:
         fingerprint = vae_fingerprint(vae_source)
         todo = _select_work(todo, cache_dir, fingerprint, options, output, summary)
@@ -283,7 +292,8 @@ def encode_items(
     workers = options.workers if options.workers is not None else usable_cpus()
     batches = bucket_batches(todo, options.batch_size)
     info(
-        f"encoding {len(todo)} images in {len(batches)} batches on {device} ({precision})"
+        f"encoding {plural(len(todo), 'image')} in {plural(len(batches), 'batch', 'batches')} on {device} "
+        f"({precision})"
         + (f", {ranks.size} processes" if ranks.size > 1 and memory is None else "")
         + (f", {summary.kept} up to date" if summary.kept else "")
         + (", kept in memory for this run" if memory is not None else "")

@@ -8,6 +8,7 @@ one place (`guarded`).
 from __future__ import annotations
 
 import functools
+import inspect
 import traceback
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -16,8 +17,9 @@ import typer
 
 from sdtool import __version__
 from sdtool.cli import bucket, cache, caption, convert, demo, doctor, tag, train
-from sdtool.console import NORMAL, QUIET, VERBOSE, debug_enabled, err, error_line, set_verbosity
-from sdtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, SdtoolError
+from sdtool.cli.options import QuietOpt, VerboseOpt
+from sdtool.console import NORMAL, QUIET, VERBOSE, debug_enabled, err, error_line, set_verbosity, verbosity
+from sdtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, SdtoolError, UsageError
 from sdtool.runtime import quiet_third_party
 
 app = typer.Typer(
@@ -25,6 +27,7 @@ app = typer.Typer(
     help="Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -37,10 +40,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More detail, and tracebacks on errors.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings, errors and data.")] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, show_default=False, help="Print the version and exit."
+        ),
     ] = False,
 ) -> None:
     """Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert."""
@@ -48,6 +54,32 @@ def root(
         raise typer.BadParameter("--verbose and --quiet exclude each other")
     set_verbosity(VERBOSE if verbose else QUIET if quiet else NORMAL)
     quiet_third_party()  # before any command imports transformers/diffusers (they read it at import time)
+
+
+def with_verbosity_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the global -v/-q too, so `sdtool CMD … -q` works as well as `sdtool -q CMD …`.
+
+    The flags are added to the command's signature (which Typer reads), so every command has them without
+    declaring them itself.
+    """
+    signature = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, verbose: bool = False, quiet: bool = False, **kwargs: Any) -> Any:
+        level = verbosity()
+        if (verbose and quiet) or (verbose and level == QUIET) or (quiet and level == VERBOSE):
+            raise UsageError("--verbose and --quiet exclude each other")
+        if verbose or quiet:
+            set_verbosity(VERBOSE if verbose else QUIET)
+        return fn(*args, **kwargs)
+
+    extra = [
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=QuietOpt),
+    ]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, "verbose": VerboseOpt, "quiet": QuietOpt}
+    return wrapper
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,7 +97,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             error_line(exc.one_line())
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            error_line("interrupted")
+            # A second Ctrl-C during training lands here too: stopped at once, nothing more saved.
+            error_line("interrupted: outputs already written are whole and kept; run the same command to continue")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
             if debug_enabled():
@@ -83,7 +116,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _module in (caption, tag, bucket, cache, train, convert, doctor, demo):
-    app.command(_module.NAME, no_args_is_help=_module.NO_ARGS_IS_HELP)(guarded(_module.command))
+    # A command run without its arguments prints a short usage and the error on stderr (exit 2), never the help.
+    app.command(_module.NAME)(guarded(with_verbosity_flags(_module.command)))
 
 
 def main() -> None:

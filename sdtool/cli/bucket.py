@@ -7,16 +7,29 @@ from typing import Annotated
 
 import typer
 
-from sdtool.cli.options import ImageDirsArg, JsonOpt, OverwriteOpt, RecursiveOpt, StrictOpt, WorkersOpt
+from sdtool.cli.options import (
+    DEFAULT_CAPTION_EXTENSION,
+    DEFAULT_TAGS_EXTENSION,
+    CaptionExtensionOpt,
+    ImageDirsArg,
+    OverwriteOpt,
+    RecursiveOpt,
+    StrictOpt,
+    TagsExtensionOpt,
+    WorkersOpt,
+    flag,
+    json_option,
+)
 
 NAME = "bucket"
-NO_ARGS_IS_HELP = True
 
 
 def command(
     ctx: typer.Context,
     dirs: ImageDirsArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Metadata JSON (or .jsonl) to write.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Metadata JSON (or .jsonl) to write.", show_default=False)
+    ],
     resolution: Annotated[
         str, typer.Option("--resolution", help="Training resolution: 512 or W,H (sets the max area).")
     ] = "512",
@@ -27,21 +40,19 @@ def command(
         typer.Option("--bucket-reso-steps", min=8, help="Bucket side step (a multiple of 8; training needs 64)."),
     ] = 64,
     no_upscale: Annotated[
-        bool, typer.Option("--no-upscale", help="Never enlarge small images (buckets are made per image size).")
+        bool, flag("--no-upscale", help="Never enlarge small images (buckets are made per image size).")
     ] = False,
     recursive: RecursiveOpt = False,
-    caption_extension: Annotated[
-        str, typer.Option("--caption-extension", help="Caption sidecar extension.")
-    ] = ".caption",
-    tags_extension: Annotated[str, typer.Option("--tags-extension", help="Tags sidecar extension.")] = ".txt",
+    caption_extension: CaptionExtensionOpt = DEFAULT_CAPTION_EXTENSION,
+    tags_extension: TagsExtensionOpt = DEFAULT_TAGS_EXTENSION,
     relative: Annotated[
-        bool, typer.Option("--relative", help="Keys relative to DIR instead of absolute (one DIR only).")
+        bool, flag("--relative", help="Keys relative to DIR instead of absolute (one DIR only).")
     ] = False,
     update: Annotated[
-        bool, typer.Option("--update", help="Merge into an existing metadata file, keeping what it does not touch.")
+        bool, flag("--update", help="Merge into an existing metadata file, keeping what it does not touch.")
     ] = False,
     overwrite: OverwriteOpt = False,
-    json_lines: JsonOpt = False,
+    json_lines: Annotated[bool, json_option("one object per image (path, key, size, bucket, crop …)")] = False,
     workers: WorkersOpt = None,
     strict: StrictOpt = False,
     sdxl: Annotated[
@@ -54,7 +65,7 @@ def command(
 ) -> None:
     """Read image sizes, assign aspect-ratio buckets and write the metadata JSON."""
     from sdtool.bucket.algorithm import BucketSettings, adjust_min_max_to_steps, parse_resolution
-    from sdtool.console import Output, SkipReporter, info, progress_bar, warn
+    from sdtool.console import Output, SkipReporter, info, plural, progress_bar, warn
     from sdtool.errors import UsageError
 
     if sdxl:  # the SDXL family's dataset defaults, for each of the three options left at its own default
@@ -118,7 +129,7 @@ def command(
     from sdtool.bucket.algorithm import capped_buckets, is_degenerate
     from sdtool.bucket.scan import bucket_images, image_record, merge_rekeyed, metadata_fields
     from sdtool.fsutil import clean_leftovers_of
-    from sdtool.images import list_images
+    from sdtool.images import find_images
     from sdtool.metadata import metadata_key, read_metadata, write_metadata
 
     clean_leftovers_of(output)  # what a killed run left (a live one's write is kept)
@@ -133,12 +144,7 @@ def command(
         )
 
     # --- read sizes (headers only) and assign buckets ----------------------------------------------------------------
-    paths = list_images(dirs, recursive=recursive)
-    if not paths:
-        from sdtool.errors import InputError
-
-        where = ", ".join(str(d) for d in dirs)
-        raise InputError(where, "no images found", hint=None if recursive else "add --recursive for sub-folders")
+    paths = find_images(dirs, recursive=recursive)
     from sdtool.bucket.scan import sidecar_path
 
     sidecars = [sidecar_path(p, ext) for p in paths for ext in (caption_ext, tags_ext)]
@@ -168,7 +174,8 @@ def command(
         image_dir = dirs[0] if len(dirs) == 1 and dirs[0].is_dir() else None
         merged, n_rekeyed = merge_rekeyed(existing, updates, key_paths, image_dir)
         kept = len(merged) - len(updates)
-        info(f"updated {output}: {len(updates)} images bucketed, {kept} other entries kept")
+        others = plural(kept, "other entry", "other entries")
+        info(f"updated {output}: {plural(len(updates), 'image')} bucketed, {others} kept")
         if n_rekeyed:
             form = "relative" if relative else "absolute"
             info(f"{n_rekeyed} existing entries named the same images under other keys and now use {form} keys")

@@ -11,17 +11,21 @@ import typer
 from sdtool.cache.fingerprint import vae_fingerprint
 from sdtool.cache.store import cache_status, count_statuses
 from sdtool.cli.options import (
+    DEFAULT_DEVICE,
     BatchSizeOpt,
     DeviceOpt,
-    JsonOpt,
+    MetadataArg,
     OverwriteOpt,
     Precision,
     StrictOpt,
     WorkersOpt,
+    check_model_source,
+    check_weights_source,
+    flag,
+    json_option,
 )
 
 NAME = "cache"
-NO_ARGS_IS_HELP = True
 
 
 class CacheFormat(str, Enum):
@@ -47,25 +51,41 @@ class KohyaName(str, Enum):
 
 
 def command(
-    metadata: Annotated[Path, typer.Argument(help="Metadata JSON written by 'sdtool bucket'.", show_default=False)],
+    metadata: MetadataArg,
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Model whose VAE encodes (hub id, folder or single file).")
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model whose VAE encodes: hub id, folder or single file (no default; or --vae).",
+            callback=check_model_source,
+        ),
     ] = None,
     image_dir: Annotated[
-        Path | None, typer.Option("--image-dir", help="Folder that relative metadata keys resolve against.")
+        Path | None,
+        typer.Option(
+            "--image-dir", help="Folder that relative metadata keys resolve against (default: META's folder)."
+        ),
     ] = None,
-    vae: Annotated[str | None, typer.Option("--vae", help="A separate VAE (folder, hub id or file).")] = None,
+    vae: Annotated[
+        str | None,
+        typer.Option(
+            "--vae",
+            help="A separate VAE (folder, hub id or file; default: the model's).",
+            callback=check_weights_source,
+        ),
+    ] = None,
     batch_size: BatchSizeOpt = 4,
-    flip_aug: Annotated[bool, typer.Option("--flip-aug", help="Also encode each image mirrored.")] = False,
+    flip_aug: Annotated[bool, flag("--flip-aug", help="Also encode each image mirrored.")] = False,
     precision: Annotated[
         Precision | None,
         typer.Option(
             "--precision",
-            help="VAE precision (fp32 when not given); when given, entries made at another precision are stale.",
+            help="VAE precision (default: fp32); when given, entries made at another precision are stale.",
             show_default=False,
         ),
     ] = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = DEFAULT_DEVICE,
     workers: WorkersOpt = None,
     resize_interpolation: Annotated[
         Interpolation | None,
@@ -96,11 +116,14 @@ def command(
     overwrite: OverwriteOpt = False,
     status: Annotated[
         bool,
-        typer.Option(
-            "--status", help="Report ok/missing/stale per image without encoding (with --strict: exit 1 unless all ok)."
+        flag(
+            "--status",
+            help="Report ok/missing/stale per image without encoding (with --strict: exit 1 unless all ok).",
         ),
     ] = False,
-    json_lines: JsonOpt = False,
+    json_lines: Annotated[
+        bool, json_option('one object per image ({"path", "status", …}; with --status: ok, missing or stale)')
+    ] = False,
     strict: StrictOpt = False,
     text_encoder_outputs: Annotated[
         bool,
@@ -264,7 +287,7 @@ def _print_status(
     """`--status`: a table of entries that are not ok (all with -v) on stderr, JSON lines on stdout; no encoding."""
     from rich.table import Table
 
-    from sdtool.console import VERBOSE, Output, info, print_table, verbosity, warn
+    from sdtool.console import VERBOSE, Output, info, plural, print_table, verbosity, warn
     from sdtool.errors import SdtoolError, StrictModeError
 
     source = vae if vae is not None else model
@@ -301,7 +324,7 @@ def _print_status(
         if len(shown) > limit:
             table.add_row(f"… and {len(shown) - limit} more (-v shows all)", "", "")
         print_table(table)
-    info(f"{len(statuses)} images: {counts['ok']} ok, {counts['missing']} missing, {counts['stale']} stale")
+    info(f"{plural(len(statuses), 'image')}: {counts['ok']} ok, {counts['missing']} missing, {counts['stale']} stale")
     if strict and counts["ok"] != len(statuses):
         raise StrictModeError(
             f"{len(statuses) - counts['ok']} latent cache entries are missing or stale", hint="run sdtool cache"

@@ -7,20 +7,23 @@ from typing import Annotated
 import typer
 
 from sdtool.cli.options import (
+    DEFAULT_CAPTION_EXTENSION,
+    DEFAULT_DEVICE,
     BatchSizeOpt,
+    CaptionExtensionOpt,
     DeviceOpt,
     ImageDirsArg,
-    JsonOpt,
     OverwriteOpt,
     Precision,
     PrecisionOpt,
     RecursiveOpt,
     StrictOpt,
     WorkersOpt,
+    flag,
+    json_option,
 )
 
 NAME = "caption"
-NO_ARGS_IS_HELP = True
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 
 
@@ -34,23 +37,27 @@ def command(
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beam search width (1 = greedy).")] = 1,
     top_p: Annotated[
         float | None,
-        typer.Option("--top-p", min=0.0, max=1.0, help="Sample with nucleus (top-p) decoding, seeded by --seed."),
+        typer.Option(
+            "--top-p",
+            min=0.0,
+            max=1.0,
+            help="Sample with nucleus (top-p) decoding, seeded by --seed (default: no sampling; greedy or beams).",
+        ),
     ] = None,
     max_length: Annotated[int, typer.Option("--max-length", min=1, help="Most new tokens in a caption.")] = 75,
     min_length: Annotated[int, typer.Option("--min-length", min=0, help="Fewest new tokens in a caption.")] = 5,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", help="Text given to the model first; stripped from the output.")
+        str | None,
+        typer.Option("--prompt", help="Text given to the model first; stripped from the output (default: none)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 42,
-    caption_extension: Annotated[str, typer.Option("--caption-extension", help="Sidecar extension.")] = ".caption",
+    caption_extension: CaptionExtensionOpt = DEFAULT_CAPTION_EXTENSION,
     overwrite: OverwriteOpt = False,
     recursive: RecursiveOpt = False,
-    json_lines: JsonOpt = False,
+    json_lines: Annotated[bool, json_option('one {"path", "caption"} object per captioned image')] = False,
     precision: PrecisionOpt = Precision.fp32,
-    device: DeviceOpt = "auto",
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")
-    ] = False,
+    device: DeviceOpt = DEFAULT_DEVICE,
+    trust_remote_code: Annotated[bool, flag("--trust-remote-code", help="Allow model code from the hub.")] = False,
     strict: StrictOpt = False,
 ) -> None:
     """Write captions (.caption) for images with a BLIP-family model."""

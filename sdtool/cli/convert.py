@@ -8,10 +8,9 @@ from typing import Annotated
 
 import typer
 
-from sdtool.cli.options import OverwriteOpt, Precision
+from sdtool.cli.options import ModelSourceArg, OverwriteOpt, Precision, flag
 
 NAME = "convert"
-NO_ARGS_IS_HELP = True
 
 
 class TargetFormat(str, Enum):
@@ -34,8 +33,13 @@ class Prediction(str, Enum):
 
 
 def command(
-    src: Annotated[str, typer.Argument(help="Single file, diffusers folder or hub id.", show_default=False)],
-    dst: Annotated[Path, typer.Argument(help="Output file or folder.", show_default=False)],
+    src: ModelSourceArg,
+    dst: Annotated[
+        Path,
+        typer.Argument(
+            help="Output file (.safetensors, .ckpt) or folder (diffusers).", metavar="DST", show_default=False
+        ),
+    ],
     to: Annotated[
         TargetFormat | None, typer.Option("--to", help="Output format (default: from DST's extension).")
     ] = None,
@@ -48,12 +52,18 @@ def command(
     prediction: Annotated[
         Prediction, typer.Option("--prediction", help="epsilon or v (default: detect).")
     ] = Prediction.auto,
-    vae: Annotated[str | None, typer.Option("--vae", help="Replace the VAE with this one.")] = None,
+    vae: Annotated[
+        str | None, typer.Option("--vae", help="Replace the VAE with this one (default: keep SRC's).")
+    ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Diffusers folder to take configs and tokenizer from.")
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Diffusers folder to take configs and tokenizer from (default: the built-in configs).",
+        ),
     ] = None,
     allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Allow .ckpt files that need full unpickling (unsafe).")
+        bool, flag("--allow-pickle", help="Allow .ckpt files that need full unpickling (unsafe).")
     ] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:

@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
-from sdtool.cli.options import DeviceOpt
+from sdtool.cli.options import DEFAULT_DEVICE, DeviceOpt, flag
 
 NAME = "demo"
-NO_ARGS_IS_HELP = False
 
 
 def command(
@@ -18,18 +17,20 @@ def command(
     dir: Annotated[
         Path | None, typer.Option("--dir", help="Where the demo writes everything (default: ./sdtool-demo).")
     ] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = DEFAULT_DEVICE,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace the folder of an earlier demo (never any other folder).")
+        bool, flag("--overwrite", help="Replace the folder of an earlier demo (never any other folder).")
     ] = False,
 ) -> None:
     """Run the whole chain offline on a generated dataset and a tiny model."""
+    from sdtool.console import QUIET, VERBOSE, verbosity
     from sdtool.demo.run import run_demo
 
     root_command = ctx.find_root().command
+    level = {VERBOSE: ["-v"], QUIET: ["-q"]}.get(verbosity(), [])  # each step runs at the demo's own verbosity
 
     def run_step(argv: list[str]) -> int | None:
-        return root_command.main(args=argv, prog_name="sdtool", standalone_mode=False)
+        return root_command.main(args=[*level, *argv], prog_name="sdtool", standalone_mode=False)
 
     root = run_demo(run_step, dir, device, overwrite)
     typer.echo(str(root))

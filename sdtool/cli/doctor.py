@@ -8,14 +8,15 @@ from typing import Annotated
 
 import typer
 
-from sdtool.cli.options import JsonOpt
+from sdtool.cli.options import json_option
 
 NAME = "doctor"
-NO_ARGS_IS_HELP = False
 
 
 def command(
-    json_lines: JsonOpt = False,
+    json_lines: Annotated[
+        bool, json_option('the checks as one JSON object, {"checks": [{"name", "status", "detail"}, …]},')
+    ] = False,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", help="Folder whose free disk space to check (default: here).")
     ] = None,

@@ -9,18 +9,21 @@ from typing import Annotated
 import typer
 
 from sdtool.cli.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_TAGS_EXTENSION,
     BatchSizeOpt,
     DeviceOpt,
     ImageDirsArg,
-    JsonOpt,
     OverwriteOpt,
     RecursiveOpt,
     StrictOpt,
+    TagsExtensionOpt,
     WorkersOpt,
+    flag,
+    json_option,
 )
 
 NAME = "tag"
-NO_ARGS_IS_HELP = True
 DEFAULT_MODEL = "SmilingWolf/wd-v1-4-convnext-tagger-v2"
 
 
@@ -32,37 +35,53 @@ def command(
     ] = DEFAULT_MODEL,
     threshold: Annotated[float, typer.Option("--threshold", min=0.0, help="Base confidence threshold.")] = 0.35,
     general_threshold: Annotated[
-        float | None, typer.Option("--general-threshold", min=0.0, help="Threshold for general tags.")
+        float | None,
+        typer.Option("--general-threshold", min=0.0, help="Threshold for general tags (default: --threshold)."),
     ] = None,
     character_threshold: Annotated[
-        float | None, typer.Option("--character-threshold", min=0.0, help="Threshold for character tags.")
+        float | None,
+        typer.Option("--character-threshold", min=0.0, help="Threshold for character tags (default: --threshold)."),
     ] = None,
-    use_rating_tags: Annotated[bool, typer.Option("--use-rating-tags", help="Put the rating tag first.")] = False,
+    use_rating_tags: Annotated[bool, flag("--use-rating-tags", help="Put the rating tag first.")] = False,
     character_tags_first: Annotated[
-        bool, typer.Option("--character-tags-first", help="Character tags before general tags.")
+        bool, flag("--character-tags-first", help="Character tags before general tags.")
     ] = False,
     remove_underscore: Annotated[
-        bool, typer.Option("--remove-underscore", help="'_' to ' ' in tags longer than 3 characters.")
+        bool, flag("--remove-underscore", help="'_' to ' ' in tags longer than 3 characters.")
     ] = False,
-    undesired_tags: Annotated[str, typer.Option("--undesired-tags", help="Comma-separated tags never to write.")] = "",
-    always_first_tags: Annotated[
-        str, typer.Option("--always-first-tags", help="Comma-separated tags moved to the front, in this order.")
+    undesired_tags: Annotated[
+        str,
+        typer.Option(
+            "--undesired-tags", help="Comma-separated tags never to write (default: none).", show_default=False
+        ),
     ] = "",
-    tag_separator: Annotated[str, typer.Option("--tag-separator", help="Separator between tags.")] = ", ",
+    always_first_tags: Annotated[
+        str,
+        typer.Option(
+            "--always-first-tags",
+            help="Comma-separated tags moved to the front, in this order (default: none).",
+            show_default=False,
+        ),
+    ] = "",
+    tag_separator: Annotated[
+        str,
+        typer.Option("--tag-separator", help="Separator between tags (default: comma and space).", show_default=False),
+    ] = ", ",
     append: Annotated[
-        bool, typer.Option("--append", help="Keep existing tags first and add new ones not already present.")
+        bool, flag("--append", help="Keep existing tags first and add new ones not already present.")
     ] = False,
     output_path: Annotated[
-        Path | None, typer.Option("--output-path", help="Write one metadata .json/.jsonl instead of sidecars.")
+        Path | None,
+        typer.Option("--output-path", help="Write one metadata .json/.jsonl instead of sidecars (default: sidecars)."),
     ] = None,
-    frequency: Annotated[bool, typer.Option("--frequency", help="Report how often each tag was written.")] = False,
-    caption_extension: Annotated[str, typer.Option("--caption-extension", help="Sidecar extension.")] = ".txt",
+    frequency: Annotated[bool, flag("--frequency", help="Report how often each tag was written.")] = False,
+    tags_extension: TagsExtensionOpt = DEFAULT_TAGS_EXTENSION,
     batch_size: BatchSizeOpt = 8,
     workers: WorkersOpt = None,
     recursive: RecursiveOpt = False,
     overwrite: OverwriteOpt = False,
-    json_lines: JsonOpt = False,
-    device: DeviceOpt = "auto",
+    json_lines: Annotated[bool, json_option('one {"path", "tags"} object per tagged image')] = False,
+    device: DeviceOpt = DEFAULT_DEVICE,
     strict: StrictOpt = False,
 ) -> None:
     """Write booru tags (.txt) for images with a WD14 / DeepDanbooru ONNX tagger."""
@@ -85,7 +104,7 @@ def command(
         dirs,
         model=model,
         options=options,
-        extension=caption_extension,
+        extension=tags_extension,
         overwrite=overwrite,
         append=append,
         output_path=output_path,

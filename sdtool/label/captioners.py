@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import Output, SkipReporter, info, progress_bar
+from sdtool.console import Output, SkipReporter, info, plural, progress_bar
 from sdtool.errors import ModelError, UsageError
-from sdtool.images import list_images
+from sdtool.images import find_images
 from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 
 # Remote-code models name their classes in `config.auto_map`; these are tried in this order.
@@ -94,16 +94,21 @@ class Captioner:
         precision: str = "fp32",
         trust_remote_code: bool = False,
     ):
+        from sdtool.console import loading
+        from sdtool.models import hub
         from sdtool.runtime import quiet_third_party, resolve_device, torch_dtype
 
         quiet_third_party()
         self.source = source
+        if hub.is_hub_id(source):  # from the local cache (or downloaded once): transformers never goes online
+            source = str(hub.local_model(source, what="the captioning model", folders={"": True}))
         self.settings = settings
         self.prompt = prompt or None
         self.device = resolve_device(device)
         self.dtype = torch_dtype(precision)
-        self.processor = _load_processor(source, trust_remote_code)
-        self.model = _load_model(source, trust_remote_code, self.dtype).to(self.device).eval()
+        with loading(f"the captioning model {self.source}"):
+            self.processor = _load_processor(source, trust_remote_code)
+            self.model = _load_model(source, trust_remote_code, self.dtype).to(self.device).eval()
         self.model_type = getattr(self.model.config, "model_type", "")
         # Some processors return token_type_ids that the model's generate() rejects as unused (GIT does).
         self.drop_token_types = "token_type_ids" not in inspect.signature(self.model.forward).parameters
@@ -222,11 +227,11 @@ def caption_images(
     check_extension(extension, "--caption-extension")
     settings.validate()
     run = CaptionRun()
-    pairs = sidecar_targets(list_images(dirs, recursive), extension, skips)
+    pairs = sidecar_targets(find_images(dirs, recursive), extension, skips)
     todo = [(image, target) for image, target in pairs if overwrite or not target.exists()]
     run.kept = len(pairs) - len(todo)
     if run.kept:
-        info(f"kept {run.kept} existing {extension} files (--overwrite replaces them)")
+        info(f"kept {plural(run.kept, 'existing ' + extension + ' file')} (--overwrite replaces them)")
     if not todo:
         return run
 
@@ -238,7 +243,7 @@ def caption_images(
         precision=precision,
         trust_remote_code=trust_remote_code,
     )
-    info(f"captioning {len(todo)} images with {model} on {captioner.device}")
+    info(f"captioning {plural(len(todo), 'image')} with {model} on {captioner.device}")
     import torch
 
     # Seeded once per run (kohya does the same): sampled captions repeat for the same images, batch size and seed.

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sdtool.console import info, warn
+from sdtool.console import warn
 from sdtool.errors import ModelError, UsageError
 
 # Danbooru's category numbers in selected_tags.csv; the two tagger kinds.
@@ -59,7 +59,11 @@ def find_tagger_files(source: str) -> TaggerFiles:
         raise UsageError(f"--model {source}: expected a folder with model.onnx + selected_tags.csv, not a file")
     if not _REPO_ID.match(source):
         raise UsageError(f"--model {source}: no such folder, and not a hub repo id like SmilingWolf/wd-vit-tagger-v3")
-    return TaggerFiles(_hub_file(source, "model.onnx"), _hub_file(source, "selected_tags.csv"), WD14)
+    from sdtool.models import hub
+
+    files = ("model.onnx", "selected_tags.csv")
+    snapshot = hub.local_model(source, what="the tagger", files=files)  # the local cache first, or downloaded once
+    return TaggerFiles(snapshot / files[0], snapshot / files[1], WD14)
 
 
 def _local_files(folder: Path) -> TaggerFiles:
@@ -75,22 +79,6 @@ def _local_files(folder: Path) -> TaggerFiles:
     if tags_txt.is_file():
         return TaggerFiles(onnx_path, tags_txt, DEEPDANBOORU)
     raise ModelError(f"{folder}: no selected_tags.csv (WD14) or tags.txt (DeepDanbooru) beside {onnx_path.name}")
-
-
-def _hub_file(repo_id: str, filename: str) -> Path:
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, filename)
-    if not isinstance(cached, str):
-        info(f"downloading {filename} from {repo_id} (once; kept in the Hugging Face cache)")
-    try:
-        return Path(hf_hub_download(repo_id, filename))
-    except Exception as exc:
-        text = " ".join(str(exc).split())[:300]
-        raise ModelError(
-            f"cannot get {filename} from the hub repo {repo_id}: {text}",
-            hint="check the repo id; without internet the files must already be in the Hugging Face cache",
-        ) from exc
 
 
 def read_labels(files: TaggerFiles) -> list[TagInfo]:

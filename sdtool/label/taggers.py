@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import Output, SkipReporter, info, progress_bar, warn
+from sdtool.console import Output, SkipReporter, info, loading, plural, progress_bar, warn
 from sdtool.errors import InputError, UsageError
 from sdtool.fsutil import clean_leftovers_of, read_sidecar_text
-from sdtool.images import list_images
+from sdtool.images import find_images
 from sdtool.label.loading import SidecarWriter, check_extension, iter_batches, sidecar_targets
 from sdtool.label.tagger_model import RATING, Tagger, stack_pixels
 from sdtool.label.tags import TagOptions, append_tags, select_tags
@@ -104,12 +104,12 @@ def tag_images(
     skips: SkipReporter,
 ) -> TagRun:
     """Tag every image in `dirs` that has no tags yet (all of them with `overwrite` or `append`)."""
-    check_extension(extension, "--caption-extension")
+    check_extension(extension, "--tags-extension")
     if overwrite and append:
         raise UsageError("--overwrite and --append exclude each other")
     sink = MetadataSink(output_path) if output_path is not None else None
     run = TagRun()
-    pairs = sidecar_targets(list_images(dirs, recursive), extension, skips)
+    pairs = sidecar_targets(find_images(dirs, recursive), extension, skips)
 
     def has_tags(image: Path, target: Path) -> bool:
         # Only whether a sidecar exists: its text is read for --append alone, so that an odd file (not UTF-8)
@@ -131,11 +131,12 @@ def tag_images(
         todo = readable
     if run.kept:
         where = output_path if sink is not None else f"{extension} files"
-        info(f"kept the tags of {run.kept} images already in {where} (--overwrite replaces, --append adds)")
+        info(f"kept the tags of {plural(run.kept, 'image')} already in {where} (--overwrite replaces, --append adds)")
     if not todo:
         return run
 
-    tagger = Tagger(model, device)
+    with loading(f"the tagger {model}"):
+        tagger = Tagger(model, device)
     info(tagger.describe())
     if options.use_rating_tags and not any(t.category == RATING for t in tagger.tags):
         warn("--use-rating-tags: this model has no rating tags")

@@ -144,6 +144,8 @@ def _load_diffusers(
     src: str, model_type: ModelTypeArg, prediction: PredictionArg, dtype: Any, components: tuple[str, ...]
 ) -> SDModel:
     import transformers
+
+    name, src = src, local_copy(src, components)  # messages name the model as given; files come from a folder
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
@@ -156,7 +158,7 @@ def _load_diffusers(
         text_config = _text_config(src)
         detected_v = scheduler_config.get("prediction_type") == "v_prediction"
         detected = families.detect_configs(unet_config, text_config)
-        family, v = resolve_family(detected, detected_v, model_type, prediction, src)
+        family, v = resolve_family(detected, detected_v, model_type, prediction, name)
         loaded: dict[str, Any] = {}
         if "unet" in components:
             loaded["unet"] = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kwargs)
@@ -169,18 +171,47 @@ def _load_diffusers(
                 loaded[part.encoder] = encoder_class.from_pretrained(src, subfolder=part.encoder, **te_kwargs)
             if "tokenizer" in components:
                 tokenizer = CLIPTokenizer.from_pretrained(src, subfolder=part.tokenizer)
-                loaded[part.tokenizer] = checked_tokenizer(tokenizer, f"{src} {part.tokenizer}/")
+                loaded[part.tokenizer] = checked_tokenizer(tokenizer, f"{name} {part.tokenizer}/")
     except OSError as exc:
-        raise ModelError(f"{src}: cannot load the model ({exc})") from exc
+        raise ModelError(f"{name}: cannot load the model ({exc})") from exc
     scheduler_config["prediction_type"] = "v_prediction" if v else "epsilon"
     return SDModel(
-        source=src,
+        source=name,
         family=family,
         v_prediction=v,
         scheduler_config=scheduler_config,
         source_dtype=_folder_dtype(Path(src) / "unet"),
         **loaded,
     )
+
+
+def local_copy(src: str, components: tuple[str, ...] = COMPONENTS) -> str:
+    """A hub id's folders for `components`, from the local cache or downloaded once (see hub.py); a path as it is.
+
+    Cheap (no torch): commands call it first, so a model that cannot be had fails before the heavy imports.
+    """
+    from sdtool.models import hub
+
+    if not hub.is_hub_id(src):
+        return src
+    # The configs of scheduler, U-Net and text encoder are always read (detection); weights only where loaded.
+    folders = {"": False, "scheduler": False, "unet": False, "text_encoder": False}
+    folders.update({name: name != "tokenizer" for name in components})
+    local = hub.local_model(src, what="the model", folders=folders)
+    # A family with a second text encoder (SDXL) names it in its model_index.json.
+    import json
+
+    try:
+        index = json.loads((local / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    second = {"text_encoder_2": "text_encoder" in components, "tokenizer_2": False}
+    extra = {
+        name: weights for name, weights in second.items() if name in index and (weights or "tokenizer" in components)
+    }
+    if extra:
+        local = hub.local_model(src, what="the model", folders={**folders, **extra})
+    return str(local)
 
 
 def _folder_dtype(folder: Path) -> Any:
@@ -386,9 +417,17 @@ def _tokenizer_for(config_dir: Path, family: ModelFamily, part: TextPart, explic
             return checked_tokenizer(tokenizer, f"{part.tokenizer}/")
         except (OSError, ValueError) as exc:
             raise ModelError(f"{config_dir}: no usable {part.tokenizer}/ ({_first_line(exc)})") from exc
+    from sdtool.models import hub
+
     repo, subfolder = part.default_tokenizer
+    local = hub.local_model(
+        repo,
+        what=f"the {family.title} tokenizer",
+        folders={"": False, **({subfolder: False} if subfolder else {})},
+        local_hint=f"pass --config DIR, a diffusers folder of the same model family with a {part.tokenizer}/ in it",
+    )
     try:
-        return checked_tokenizer(CLIPTokenizer.from_pretrained(repo, subfolder=subfolder), repo)
+        return checked_tokenizer(CLIPTokenizer.from_pretrained(str(local), subfolder=subfolder), repo)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"the {family.title} tokenizer ({repo}) is neither in the hub cache nor downloadable ({_first_line(exc)})",
@@ -415,18 +454,21 @@ def load_vae(
     Single files may be a VAE alone (LDM or diffusers keys) or a full LDM checkpoint; their config comes from
     `config` (a diffusers folder or a VAE folder) or is read off the weights' shapes.
     """
-    quiet_third_party()
-    from diffusers import AutoencoderKL
+    from sdtool.models import hub
 
+    quiet_third_party()
     src = str(source)
     path = Path(src)
+    local = hub.local_model(src, what="the VAE", folders={"": False, "vae": True}) if hub.is_hub_id(src) else src
+    from diffusers import AutoencoderKL
+
     kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
     if path.is_file():
         return _load_vae_file(path, dtype, allow_pickle, config)
     try:
         if path.is_dir() and (path / "config.json").is_file():
             return AutoencoderKL.from_pretrained(src, **kwargs)
-        return AutoencoderKL.from_pretrained(src, subfolder="vae", **kwargs)
+        return AutoencoderKL.from_pretrained(str(local), subfolder="vae", **kwargs)
     except OSError as exc:
         raise ModelError(f"{src}: cannot load a VAE ({exc})") from exc
 

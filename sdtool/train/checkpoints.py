@@ -188,8 +188,19 @@ _BLOCKING_KEYS = {
 }
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], use_ema: bool, has_ema: bool) -> None:
-    """Refuse a config the state cannot continue; warn, naming each key, where the run will differ."""
+def check_resume_config(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    use_ema: bool,
+    has_ema: bool,
+    *,
+    strict: bool = False,
+    hint: str = "resume with the settings the state was saved with",
+) -> None:
+    """Refuse a config the state cannot continue; warn, naming each key, where the run will differ.
+
+    `strict` (a state found by a rerun, not named by the user) refuses every change that alters the run.
+    """
     problems: list[str] = []
     changes: list[str] = []
     for key in sorted(set(saved) | set(current)):
@@ -202,10 +213,42 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], use_ema:
         (problems if key in _BLOCKING_KEYS else changes).append(shown)
     if use_ema and not has_ema:
         problems.append("use_ema: the state has no EMA weights (it was saved without use_ema)")
+    if strict:
+        problems += changes
+        changes = []
     if problems:
-        raise ConfigError([f"resume: {p}" for p in problems], hint="resume with the settings the state was saved with")
+        raise ConfigError([f"resume: {p}" for p in problems], hint=hint)
     if changes:
         warn("resuming with a changed config, so the run will not equal an uninterrupted one: " + "; ".join(changes))
+
+
+def model_identity(source: str) -> dict[str, str] | None:
+    """A cheap identity of a local model's weight files (size plus hashes of three 1 MiB samples of each), stored in
+    a state so that a rerun notices a model replaced under the same path; None for a hub id (its name is recorded).
+
+    Sampled, not a full hash: reading an SD model's gigabytes at every save would cost seconds, and fine-tuned
+    weights differ throughout, so any sample of them differs.
+    """
+    import hashlib
+
+    path = Path(source)
+    if path.is_file():
+        files = {path.name: path}
+    elif path.is_dir():
+        suffixes = {".safetensors", ".bin", ".ckpt", ".pt", ".pth"}
+        files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.suffix in suffixes}
+    else:
+        return None
+    identity = {}
+    for name, file in files.items():
+        size = file.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(file, "rb") as f:
+            for offset in (0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))):
+                f.seek(offset)
+                digest.update(f.read(1 << 20))
+        identity[name] = digest.hexdigest()[:32]
+    return identity
 
 
 def _short(value: Any) -> str:

@@ -13,7 +13,12 @@ def estimate_memory(cfg: ResolvedConfig) -> dict[str, float]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdtool.models import hub
+
     src = cfg.train.pretrained_model_name_or_path
+    if hub.is_hub_id(src):  # the configs only, from the local cache (or downloaded once)
+        configs = {"": False, "unet": False, "vae": False, "text_encoder": False}
+        src = str(hub.local_model(src, what="the model", folders=configs))
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(src, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(src, subfolder="vae"))

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdtool.console import info, print_table
+from sdtool.console import info, plural, print_table
 from sdtool.errors import ConfigError
 from sdtool.train.checkpoints import read_state
 from sdtool.train.config.schema import ResolvedConfig
@@ -101,9 +101,12 @@ def print_plan(cfg: ResolvedConfig, plan: Plan) -> None:
     accum = cfg.train.gradient_accumulation_steps
     sizes = sorted({d.batch_size for d in cfg.datasets})
     per_step = " / ".join(f"{bs} × {plan.processes} × {accum} = {bs * plan.processes * accum}" for bs in sizes)
-    info(f"{plan.processes} process(es); images per optimizer step (batch_size × processes × accumulation): {per_step}")
     info(
-        f"{len(plan.items)} images, {plan.batches_per_epoch} batches per epoch, gradient accumulation {accum}: "
-        f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in total ({plan.epochs} epochs), seed "
-        f"{plan.seed}"
+        f"{plural(plan.processes, 'process', 'processes')}; images per optimizer step "
+        f"(batch_size × processes × accumulation): {per_step}"
+    )
+    info(
+        f"{plural(len(plan.items), 'image')}, {plural(plan.batches_per_epoch, 'batch', 'batches')} per epoch, "
+        f"gradient accumulation {accum}: {plural(plan.steps_per_epoch, 'step')} per epoch, "
+        f"{plural(plan.total_steps, 'step')} in total ({plural(plan.epochs, 'epoch')}), seed {plan.seed}"
     )

@@ -13,18 +13,27 @@ progress.py, memory.py, saving.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import debug, info, warn
+from sdtool.console import debug, info, loading, warn
 from sdtool.errors import ConfigError, NonFiniteError, SdtoolError
 from sdtool.runtime import usable_cpus
-from sdtool.train.checkpoints import check_resume_config, config_record, prune_after_save, read_state, write_state
+from sdtool.train.checkpoints import (
+    check_resume_config,
+    config_record,
+    model_identity,
+    prune_after_save,
+    read_state,
+    write_state,
+)
 from sdtool.train.config.checks import block_lrs
 from sdtool.train.config.schema import ResolvedConfig
 from sdtool.train.dataset import missing_original_sizes, sample_seed
@@ -64,13 +73,16 @@ def step_generator(seed: int, step: int, micro: int, device: Any) -> Any:
 class FineTuneRecipe:
     """Full fine-tuning of a Stable Diffusion U-Net (and optionally its text encoder) from a resolved config."""
 
-    def __init__(self, cfg: ResolvedConfig, plan: Plan):
+    def __init__(self, cfg: ResolvedConfig, plan: Plan, command: list[str] | None = None):
         self.cfg = cfg
         self.t = cfg.train
         self.plan = plan
         self.state = TrainState(seed=plan.seed)
         self.last_state: tuple[int, Path] | None = None  # (step, folder) of the last state saved by this run
         self.stop = StopRequest()  # active (signal handlers installed) while `run` trains and saves
+        # The command line that started this run (without any `--set resume=…`): a stopped run prints it with the
+        # state to resume from, ready to paste.
+        self.command = command or ["sdtool", "train", str(cfg.path)]
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -228,10 +240,17 @@ class FineTuneRecipe:
             params = [p for module in self.trained for p in module.parameters() if p.requires_grad]
             self.ema = WeightEMA(params, t.ema_decay, device="cpu" if t.offload_ema else None)
         self.epoch_loss = [0.0, 0]  # sum and count of the current epoch's step losses
-        self.pending: dict[str, Any] | None = None  # the last step's metrics, written one step late (no GPU sync)
+        # The last step's metrics: `pending` holds tensors (read one step late, so no GPU sync per step), `settled`
+        # the checked numbers, written to metrics.jsonl once the time spent saving and sampling after the step is
+        # known (`after_step_times`).
+        self.pending: dict[str, Any] | None = None
+        self.settled: dict[str, Any] | None = None
+        self.after_step_times: dict[str, float] = {}
         self.sample_prompts = self._read_sample_prompts()
+        self.model_identity = model_identity(t.pretrained_model_name_or_path)
+        resumed_record = None
         if t.resume is not None:
-            self._resume(Path(t.resume))
+            resumed_record = self._resume(Path(t.resume))
 
         out_dir = Path(t.output_dir)
         if acc.is_main_process:  # only rank 0 writes
@@ -240,7 +259,7 @@ class FineTuneRecipe:
                 info(f"cleaned up after an interrupted run: {path}")
             metrics = out_dir / "metrics.jsonl"
             if t.resume is not None:
-                truncate_metrics(metrics, self.state.global_step)
+                truncate_metrics(metrics, self.state.global_step, resumed_record)
             self.metrics = open(metrics, "a" if t.resume else "w", encoding="utf-8")  # noqa: SIM115 (closed in cleanup)
         if t.log_with is not None:
             init_trackers(acc, self.cfg)
@@ -302,11 +321,8 @@ class FineTuneRecipe:
         components: tuple[str, ...] = ("unet", "text_encoder", "tokenizer", "scheduler")
         if not self.cached and t.vae is None:
             components += ("vae",)
-        model = load_model(
-            t.pretrained_model_name_or_path,
-            model_type=t.model_type,
-            components=components,
-        )
+        with loading(f"the model {t.pretrained_model_name_or_path}"):
+            model = load_model(t.pretrained_model_name_or_path, model_type=t.model_type, components=components)
         if t.v_parameterization is not None and t.v_parameterization != model.v_prediction:
             raise ConfigError(
                 f"v_parameterization = {str(t.v_parameterization).lower()} contradicts the model, whose scheduler "
@@ -342,7 +358,11 @@ class FineTuneRecipe:
             return float(self.model.vae.config.scaling_factor)
         from diffusers import AutoencoderKL
 
+        from sdtool.models import hub
+
         src = self.t.vae or self.t.pretrained_model_name_or_path
+        if hub.is_hub_id(src):  # its config, from the local cache (loading the model put it there)
+            src = str(hub.local_model(src, what="the VAE", folders={"": False, "vae": False}))
         sub = None if (Path(src) / "config.json").is_file() else "vae"
         return float(AutoencoderKL.load_config(src, subfolder=sub).get("scaling_factor", 0.18215))
 
@@ -422,17 +442,17 @@ class FineTuneRecipe:
                     state.global_step += 1
                     if self.ema is not None:
                         self.ema.update()
-                    self._flush()
+                    self._write_metrics()  # the previous step's line
                     self.pending = {
                         "step": state.global_step,
                         "epoch": state.epoch + 1,
                         "loss": loss_sum / micro,
                         "lr": dict(zip(self.group_names, lrs, strict=True)),
                         "timestep_mean": t_sum / micro,
-                        "seconds": time.perf_counter() - step_start,
+                        "seconds": time.perf_counter() - step_start,  # the step alone; saves and samples come after
                         "grad_norm": grad_norm,
                     }
-                    micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
+                    self.after_step_times = {}
                     if epoch_end:
                         # Moved on before anything is saved, so a state never points at the end of an epoch.
                         state.epoch += 1
@@ -442,6 +462,7 @@ class FineTuneRecipe:
                     # After the last step the final save runs instead, and the stop follows it (see run).
                     if state.global_step < total and self._stop_requested(stop):
                         self._stop(stop.signal_name)
+                    micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
                     if state.global_step >= total:
                         break
                 if stop.loader_failure is not None:
@@ -449,7 +470,7 @@ class FineTuneRecipe:
                     debug(f"data loader stopped: {stop.loader_failure}")
                     self._rewind_micro_batches(micro)
                     self._stop(stop.signal_name)
-            self._flush()
+            self._write_metrics()
 
     def _rewind_micro_batches(self, micro: int) -> None:
         """Forget `micro` micro-batches accumulated since the last optimizer step (their gradients and position)."""
@@ -474,24 +495,40 @@ class FineTuneRecipe:
 
     def _end_epoch(self, epoch: int) -> None:
         """After epoch `epoch` (1-based): its mean loss to the trackers, on an epoch axis of its own."""
-        self._flush()
+        self._settle()
         total, count = self.epoch_loss
         if count and self.accelerator.is_main_process:
             log_epoch_loss(self.accelerator, epoch, total / count)
         self.epoch_loss = [0.0, 0]
 
     def _after_step(self, epoch_end: bool) -> None:
-        """Periodic saves and samples, kohya's rules: never at the last step or epoch (the final save covers it)."""
+        """Periodic saves and samples, kohya's rules: never at the last step or epoch (the final save covers it).
+
+        Their time goes to the step's metrics as `save_seconds` and `sample_seconds`, apart from the step's own.
+        """
         t, state, total = self.t, self.state, self.plan.total_steps
         step, epoch = state.global_step, state.epoch
-        if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total:
-            self._save_periodic("step", step, t.save_every_n_steps)
-        every_epochs = self.save_every_n_epochs
-        if epoch_end and every_epochs and epoch % every_epochs == 0 and epoch < self.plan.epochs:
-            self._save_periodic("epoch", epoch, every_epochs)
-        self._maybe_sample(step, epoch_end=False)
-        if epoch_end:
-            self._maybe_sample(step, epoch_end=True)
+        with self._timed("save_seconds"):
+            if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total:
+                self._save_periodic("step", step, t.save_every_n_steps)
+            every_epochs = self.save_every_n_epochs
+            if epoch_end and every_epochs and epoch % every_epochs == 0 and epoch < self.plan.epochs:
+                self._save_periodic("epoch", epoch, every_epochs)
+        with self._timed("sample_seconds"):
+            self._maybe_sample(step, epoch_end=False)
+            if epoch_end:
+                self._maybe_sample(step, epoch_end=True)
+
+    @contextlib.contextmanager
+    def _timed(self, field: str) -> Iterator[None]:
+        """Add the time the block takes to this step's `field` in metrics.jsonl (only when it did something)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            if spent > 0.01:  # a schedule check alone takes microseconds; a save or sample takes far longer
+                self.after_step_times[field] = self.after_step_times.get(field, 0.0) + spent
 
     @property
     def save_every_n_epochs(self) -> int | None:
@@ -522,20 +559,24 @@ class FineTuneRecipe:
         stem = save_stem(self.t.output_name, step=self.state.global_step)
         path = state_path(self.t, stem)
         if self.last_state != (self.state.global_step, path):
-            path = self.save_state(path)
-        command = f"sdtool train {shlex.quote(str(self.cfg.path))} --set {shlex.quote(f'resume={path}')}"
+            with self._timed("save_seconds"):
+                path = self.save_state(path)
+        self._write_metrics()
+        # The run's own command with the state to resume from: pasted as printed, it continues this run.
+        command = shlex.join([*self.command, "--set", f"resume={path}"])
         raise Interrupted(
             f"stopped by {signal_name or 'a signal'} after step {self.state.global_step}; state saved to {path}",
-            hint=f"resume with: {command} (plus any --set options this run had)",
+            hint=f"continue with: {command}",
         )
 
-    def _flush(self) -> None:
-        """Write the pending metrics line (a GPU sync point), checking the loss and gradients first."""
-        if self.pending is not None:
-            record, self.pending = self.pending, None
-            self._log(record)
+    def _settle(self) -> None:
+        """Read the last step's loss (a GPU sync point) and check it and the gradients before anything is saved.
 
-    def _log(self, record: dict[str, Any]) -> None:
+        The checked record waits in `settled` until `_write_metrics`; the trackers and the progress line get it now.
+        """
+        if self.pending is None:
+            return
+        record, self.pending = self.pending, None
         grad_norm = record.pop("grad_norm", None)
         record = {**record, "loss": float(record["loss"]), "timestep_mean": float(record["timestep_mean"])}
         hint = "lower learning_rate, or use mixed_precision = 'bf16' instead of fp16; nothing of this step was saved"
@@ -546,11 +587,23 @@ class FineTuneRecipe:
         self.epoch_loss[0] += record["loss"]
         self.epoch_loss[1] += 1
         if self.accelerator.is_main_process:
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
             scalars = {"loss": record["loss"], **{f"lr/{k}": v for k, v in record["lr"].items()}}
             self.accelerator.log(scalars, step=record["step"])
         self.progress.update(record)
+        self.settled = record
+
+    def _write_metrics(self) -> None:
+        """Write the last step's line to metrics.jsonl, with the time spent saving and sampling after it."""
+        self._settle()
+        if self.settled is None:
+            return
+        record, self.settled = {**self.settled, **self._rounded_times()}, None
+        if self.accelerator.is_main_process:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def _rounded_times(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.after_step_times.items()}
 
     # ------------------------------------------------------------------------------------------ saves and state
     def save_model(self, path: Path) -> Path | None:
@@ -558,7 +611,7 @@ class FineTuneRecipe:
         from sdtool.train.distributed import full_weights
         from sdtool.train.saving import save_trained_model
 
-        self._flush()  # checks the last step's loss and gradients before anything is written
+        self._settle()  # checks the last step's loss and gradients before anything is written
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -630,9 +683,10 @@ class FineTuneRecipe:
         """A state folder for an exact resume (see checkpoints.py)."""
         import torch
 
-        self._flush()
+        self._settle()
         if self.accelerator.is_main_process:
             self._check_weights_finite()
+        last = {**self.settled, **self._rounded_times()} if self.settled is not None else None
         record = {
             "sdtool_version": _version(),
             "train_state": self.state.state_dict(),
@@ -644,6 +698,9 @@ class FineTuneRecipe:
             "torch": torch.__version__,
             "model_family": self.model.family.name,
             "config": self._config_record(),
+            "model": self.model_identity,
+            # This step's metrics line: written after the save, so a run killed in between gets it back on resume.
+            "metrics": last,
         }
         try:
             out = write_state(self.accelerator, path, record, self.ema)
@@ -658,8 +715,11 @@ class FineTuneRecipe:
         record["seed"] = self.plan.seed  # the effective seed, also when the config leaves it unset
         return record
 
-    def _resume(self, path: Path) -> None:
-        """Load a state folder: weights, optimizer, scaler, RNGs, accumulation counter, schedule, EMA, position."""
+    def _resume(self, path: Path) -> dict[str, Any] | None:
+        """Load a state folder: weights, optimizer, scaler, RNGs, accumulation counter, schedule, EMA, position.
+
+        Returns the metrics line of the state's step (None in states that did not record it).
+        """
         saved = read_state(path)
         check_resume_config(saved["config"], self._config_record(), self.ema is not None, bool(saved.get("ema")))
         family = saved.get("model_family")
@@ -672,6 +732,9 @@ class FineTuneRecipe:
                 f"is {self.model.family.title}",
                 hint="resume with the model the state was saved from (see its sdtool_state.json)",
             )
+        recorded_model = saved.get("model")
+        if recorded_model is not None and recorded_model != self.model_identity:
+            warn(f"the model's weights changed since {path} was saved: the run will not equal an uninterrupted one")
         if saved.get("num_processes", 1) != self.accelerator.num_processes:
             warn(
                 f"the state was saved by {saved.get('num_processes')} processes, this run has "
@@ -697,7 +760,11 @@ class FineTuneRecipe:
                 f"state, from step {self.state.global_step + 1} on"
             )
         self.epoch_loss = [float(saved["epoch_loss"][0]), int(saved["epoch_loss"][1])]
-        info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch + 1})")
+        info(
+            f"resumed from {path} at step {self.state.global_step} of {self.plan.total_steps} "
+            f"(epoch {self.state.epoch + 1})"
+        )
+        return saved.get("metrics")
 
     # -------------------------------------------------------------------------------------- samples and logging
     def _read_sample_prompts(self) -> list[Any]:
@@ -727,7 +794,7 @@ class FineTuneRecipe:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
-        self._flush()
+        self._settle()
         model = self.model
         vae = model.vae if model.vae is not None else self._sampling_vae()
         try:

@@ -362,12 +362,16 @@ def test_steps_not_multiple_of_64_warn_and_limits_round(cli, dataset, tmp_path):
 
 
 def test_missing_folder_and_empty_folder(cli, tmp_path):
+    # Usage errors (exit 2) like on every command (tests/cli/test_conventions.py holds them all to it).
     result = cli("bucket", tmp_path / "nope", "-o", tmp_path / "m.json")
-    assert result.exit_code == 1 and "no such folder" in result.stderr
-    (tmp_path / "empty").mkdir()
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
     result = cli("bucket", tmp_path / "empty", "-o", tmp_path / "m.json")
-    assert result.exit_code == 1 and "no images found" in result.stderr
+    assert result.exit_code == 2 and "no images in" in result.stderr
     assert not (tmp_path / "m.json").exists()
+    (tmp_path / "empty" / "sub" / "a.png").write_bytes(b"")
+    result = cli("bucket", tmp_path / "empty", "-o", tmp_path / "m.json")
+    assert result.exit_code == 2 and "1 image is in sub-folders: add --recursive" in result.stderr
 
 
 def test_quiet_hides_table_but_not_skips(cli, dataset, tmp_path):

@@ -1,4 +1,4 @@
-"""Bad metadata entries (CONTRACT §D, §E; README "What sdtool promises"): each is named as skipped with its reason,
+"""Bad metadata entries (CONTRACT §D, §E; docs/promises.md): each is named as skipped with its reason,
 before anything is encoded or trained, by `cache` and by training with or without a cache, and the rest goes on.
 
 The bad entries are what a hand edit, another tool or a changed image leaves: an image replaced by one of another

@@ -1,4 +1,4 @@
-"""Damaged latent-cache entries (CONTRACT §F; README "What sdtool promises"): every way an entry can be broken reads
+"""Damaged latent-cache entries (CONTRACT §F; docs/promises.md): every way an entry can be broken reads
 as stale with its reason in `cache --status`, is re-encoded by `cache`, and stops no command.
 
 The damage is done to real entries the tiny VAE wrote: cut files, a missing tensor, records that are not objects or

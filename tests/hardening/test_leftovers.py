@@ -1,4 +1,4 @@
-"""What interrupted writes leave behind (README "What sdtool promises"): every command removes, before it writes, the
+"""What interrupted writes leave behind (docs/promises.md): every command removes, before it writes, the
 temp files and partial folders a killed sdtool left where it writes, but never those a running sdtool process is
 still writing (the writer holds a lock on each while it writes); a folder replacement cut between its two renames
 is repaired by putting the old folder back.

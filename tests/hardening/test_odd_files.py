@@ -1,4 +1,4 @@
-"""Files that are not what their names say (README "What sdtool promises"): FIFOs, devices, symlink loops, folders and
+"""Files that are not what their names say (docs/promises.md): FIFOs, devices, symlink loops, folders and
 giant files where images, sidecars or metadata go. Nothing hangs, nothing reads without end, and every one is named
 as `skipped <path>: <reason>` while the rest is processed.
 

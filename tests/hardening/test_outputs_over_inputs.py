@@ -1,4 +1,4 @@
-"""Outputs never replace inputs (README "What sdtool promises"): whatever the flags, `--overwrite` included, a command
+"""Outputs never replace inputs (docs/promises.md): whatever the flags, `--overwrite` included, a command
 refuses (exit 2, one line) to write over one of its inputs or over a folder that is not an sdtool model, and the
 inputs stay byte for byte as they were.
 

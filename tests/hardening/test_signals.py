@@ -1,4 +1,4 @@
-"""Signals from schedulers and from people (CONTRACT §I; README "What sdtool promises").
+"""Signals from schedulers and from people (CONTRACT §I; docs/promises.md).
 
 systemd, Slurm's `scancel` and `kill -TERM -PGID` signal every process of the job, DataLoader workers included; a
 person presses Ctrl-C (SIGINT to the terminal's process group). Whatever the moment, the run stops after a whole

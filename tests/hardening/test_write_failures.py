@@ -1,4 +1,4 @@
-"""When the disk says no (README "What sdtool promises"): a full disk, a read-only folder, a file where a folder
+"""When the disk says no (docs/promises.md): a full disk, a read-only folder, a file where a folder
 should be, a checkpoint that is not the model it is said to be. Each is one `error:` line naming the path and the
 fix (at config time where the config can tell), never `unexpected <Exception>`, and nothing half-written is left
 filling the disk. A sample that cannot be written is a warning; training goes on.

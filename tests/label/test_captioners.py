@@ -111,7 +111,7 @@ def test_existing_captions_kept_bad_images_named_overwrite(cli, photo_images, ti
     (photo_images / "broken.png").write_bytes(b"not an image at all")
     result = run_caption(cli, photo_images, tiny_blip, "--max-length", "5", "-j", "2")
     assert (photo_images / "img0.caption").read_text() == "my own caption\n"
-    assert "kept 1 existing .caption files" in result.stderr
+    assert "kept 1 existing .caption file " in result.stderr
     assert f"skipped {photo_images / 'broken.png'}:" in result.stderr
     assert sorted(result.stdout.split()) == [str(photo_images / f"img{i}.caption") for i in range(1, 5)]
 

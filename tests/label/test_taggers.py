@@ -171,7 +171,7 @@ def test_existing_tags_are_kept_unless_overwrite_or_append(cli, colour_images, w
     (colour_images / "red.txt").write_text("1girl, long hair\n", encoding="utf-8")
     result = run_tag(cli, colour_images, wd14_tagger)
     assert read_tags(colour_images, "red") == "1girl, long hair\n"
-    assert "kept the tags of 1 images" in result.stderr
+    assert "kept the tags of 1 image " in result.stderr
     assert str(colour_images / "red.txt") not in result.stdout
 
     run_tag(cli, colour_images, wd14_tagger, "--append")
@@ -251,7 +251,7 @@ def test_frequency_report_on_stderr(cli, colour_images, wd14_tagger):
     [
         (("--overwrite", "--append"), "exclude each other"),
         (("--output-path", "meta.txt"), "expected a .json or .jsonl file"),
-        (("--caption-extension", "txt"), "leading dot"),
+        (("--tags-extension", "txt"), "leading dot"),
         (("--device", "cuda"), "onnxruntime-gpu"),
     ],
 )
@@ -290,5 +290,5 @@ def test_hub_repo_ids_resolve_through_the_hugging_face_cache(sdtool_proc, colour
 
     missing = sdtool_proc("tag", colour_images, "-m", "SmilingWolf/not-cached", "--overwrite", env=env)
     assert missing.returncode == 1
-    assert "cannot get model.onnx from the hub repo SmilingWolf/not-cached" in missing.stderr
+    assert "the tagger SmilingWolf/not-cached is not in the Hugging Face cache" in missing.stderr
     assert "Traceback" not in missing.stderr

@@ -104,7 +104,11 @@ def test_usage_errors_exit_2(cli, tiny_v1, tiny_v2, tiny_v2_file, tmp_path):
 @pytest.mark.slow
 def test_runtime_errors_exit_1(cli, tiny_v1_file, tmp_path):
     missing = cli("convert", tmp_path / "nope.safetensors", tmp_path / "x.safetensors")
-    assert missing.exit_code == 1 and "error:" in missing.stderr
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr  # a usage error, as on every command
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    unreadable = cli("convert", junk, tmp_path / "x.safetensors")
+    assert unreadable.exit_code == 1 and "error:" in unreadable.stderr
     no_config = cli("convert", tiny_v1_file, tmp_path / "y.safetensors")
     assert no_config.exit_code == 1 and "--config" in no_config.stderr
 

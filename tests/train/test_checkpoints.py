@@ -149,3 +149,18 @@ def test_resumed_metrics_keep_the_lines_up_to_the_saved_step(tmp_path):
     path.write_text("\n".join(lines) + '\n{"step": 6, "lo')  # the last line cut short by kill -9
     _truncate_metrics(path, 3)
     assert path.read_text() == "\n".join(lines[:3]) + "\n"
+
+
+def test_a_state_brings_back_its_own_metrics_line_when_the_kill_came_before_it_was_written(tmp_path):
+    from sdtool.train.progress import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')  # the state is at step 3, whose line was not written yet
+    truncate_metrics(path, 3, {"step": 3, "save_seconds": 0.5})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1},
+        {"step": 2},
+        {"step": 3, "save_seconds": 0.5},
+    ]
+    truncate_metrics(path, 3, {"step": 3, "loss": "the state's copy"})  # the file's own line wins when it is there
+    assert path.read_text().count("step") == 3 and "copy" not in path.read_text()

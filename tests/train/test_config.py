@@ -206,11 +206,18 @@ def test_missing_dataset_paths(tmp_path, tiny_v1, dataset):
     assert any(p.startswith("datasets[0].subsets[0].image_dir:") for p in problems)
 
 
-def test_existing_output_is_kept_unless_overwrite(tmp_path, tiny_v1, dataset):
+def test_existing_outputs_are_not_a_config_problem(cli, tmp_path, tiny_v1, dataset):
+    # What a rerun does with them is train/rerun.py's business (tests/train/test_rerun.py); the config, its printout
+    # and the dry run are the same whatever the output folder holds.
     path = kohya_config(tmp_path, tiny_v1, dataset)
     (tmp_path / "out" / "last").mkdir(parents=True)
-    assert any("already exists; set overwrite = true" in p for p in problems_of(path))
-    load_config(path, ["overwrite=true"])
+    (tmp_path / "out" / "metrics.jsonl").write_text("")
+    load_config(path)
+    printed = cli("train", path, "--print-config")
+    assert printed.exit_code == 0 and "already exists" not in printed.stderr
+    dry = cli("train", path, "--dry-run")
+    assert dry.exit_code == 0, dry.stderr
+    assert "this run is finished" in dry.stderr and "dry run: nothing trained" in dry.stderr
 
 
 def test_cli_exit_2_lists_each_problem(cli, tmp_path, tiny_v1, dataset):
@@ -221,6 +228,18 @@ def test_cli_exit_2_lists_each_problem(cli, tmp_path, tiny_v1, dataset):
     assert len(lines) == 3
     assert "learning_rat" in result.stderr and "lowram" in result.stderr and "clip_skip" in result.stderr
     assert result.stdout == ""
+
+
+def test_misspelled_dataset_tables_get_a_did_you_mean(tmp_path, tiny_v1, dataset):
+    images, meta = dataset
+    text = (
+        kohya_text(tiny_v1, images, meta)
+        .replace("[[datasets]]", "[[dataset]]")
+        .replace("datasets.subsets", "dataset.subsets")
+    )
+    problems = problems_of(write_config(tmp_path / "c.toml", text + "\n[genral]\nshuffle_caption = true\n"))
+    assert "[[dataset]]: unknown table; did you mean [[datasets]]?" in problems
+    assert "[genral]: unknown table; did you mean [general]?" in problems
 
 
 def test_cli_print_config(cli, tmp_path, tiny_v1, dataset):

@@ -187,9 +187,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(cli, tmp_path
     # Rank 0 alone reports, writes and saves; the other rank only trains.
     assert two.stdout.strip() == str(tmp_path / "two" / "tuned.safetensors")
     assert two.stderr.count("bucket plan") == 1 and two.stderr.count("saved ") == 1
-    assert (
-        "2 process(es); images per optimizer step (batch_size × processes × accumulation): 1 × 2 × 1 = 2" in two.stderr
-    )
+    assert "2 processes; images per optimizer step (batch_size × processes × accumulation): 1 × 2 × 1 = 2" in two.stderr
     assert "3 batches per epoch" in two.stderr and "3 batches per epoch" in one.stderr
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["metrics.jsonl", "tuned.safetensors"]
 

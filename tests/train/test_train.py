@@ -95,8 +95,12 @@ def test_kohya_config_trains_and_saves_a_single_file_diffusers_loads(cli, tmp_pa
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.encoder_layer"] == "2"
     assert "clip_skip = 2" in meta["sdtool.config"] and meta["sdtool.seed"] == "42"
 
+    # Run again: the run is finished, so nothing is retrained and the model is left as it is.
+    before = saved.read_bytes()
     again = cli("train", tmp_path / "config.toml")
-    assert again.exit_code == 2 and "already exists; set overwrite = true" in again.stderr
+    assert again.exit_code == 0, again.stderr
+    assert "this run is finished" in again.stderr and again.stdout.strip() == str(saved)
+    assert saved.read_bytes() == before and len((out / "metrics.jsonl").read_text().splitlines()) == 12
 
 
 @pytest.mark.slow

@@ -41,17 +41,8 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
     name_problem = output_name_problem(cfg)
     if name_problem is not None:
         problems.append(f"output_name: {name_problem}")
-    elif not cfg.overwrite:
-        # A finished model is never replaced by accident; metrics.jsonl belongs to its run, so it is kept too
-        # (a resumed run continues its own metrics.jsonl).
-        from sdtool.train.outputs import model_path
-
-        checks = [("output_name", model_path(cfg, cfg.output_name))]
-        if cfg.resume is None:
-            checks.append(("output_dir", Path(cfg.output_dir) / "metrics.jsonl"))
-        for key, existing in checks:
-            if existing.exists():
-                problems.append(f"{key}: {existing} already exists; set overwrite = true to replace it")
+    # Outputs already there are not a config problem: a rerun continues or reports a finished run (train/rerun.py),
+    # so --print-config and --dry-run work whatever the output folder holds.
     if name_problem is None and cfg.save_model_as.startswith("diffusers"):
         from sdtool.models.saving import DIFFUSERS_MARKERS
         from sdtool.train.outputs import model_path
@@ -229,7 +220,7 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         if getattr(cfg, key) not in (None, False, TrainConfig.model_fields[key].default) and not ok:
             problems.append(f"{key}: {why}")
 
-    if cfg.resume is not None:
+    if cfg.resume is not None and cfg.resume != "latest":  # "latest": the newest state of this run (rerun.py)
         from sdtool.train.outputs import STATE_FILE
 
         state = resolve_path(cfg.resume, base)
@@ -240,7 +231,9 @@ def _check_long_run(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
             clean_leftovers_of(state)  # a kill mid-replacement of this state: put it back
         if not (state / STATE_FILE).is_file():
             what = "is not an sdtool state folder" if state.is_dir() else "does not exist"
-            problems.append(f"resume: {state} {what} (expected {STATE_FILE} in a <name>-state folder)")
+            problems.append(
+                f"resume: {state} {what} (expected {STATE_FILE} in a <name>-state folder, or resume = 'latest')"
+            )
         else:
             _check_resume_family(cfg, state / STATE_FILE, problems)
 

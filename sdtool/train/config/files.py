@@ -46,14 +46,34 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {path}: not valid TOML/JSON ({exc})") from exc
 
 
+DATASET_TABLES = {"general": "[general]", "datasets": "[[datasets]]"}
+
+
+def misspelled_table(name: str) -> str | None:
+    """`[[datasets]]` for `[[dataset]]`, `[general]` for `[genral]`: the dataset table a name was meant to be."""
+    close = difflib.get_close_matches(name.lower(), list(DATASET_TABLES), n=1, cutoff=0.75)
+    return DATASET_TABLES[close[0]] if close else None
+
+
 def flatten(raw: dict[str, Any], problems: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split into (flat training keys, dataset tables); grouping tables are flattened like kohya's --config_file."""
+    """Split into (flat training keys, dataset tables); grouping tables are flattened like kohya's --config_file.
+
+    A table whose name is close to `general` or `datasets` is taken for a typo of it, not for a grouping table:
+    its keys would otherwise apply to every dataset, or be rejected one by one without saying why.
+    """
     flat: dict[str, Any] = {}
     tables: dict[str, Any] = {}
     where: dict[str, str] = {}
     for key, value in raw.items():
-        if key in ("general", "datasets"):
+        array = isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+        meant = misspelled_table(key) if (array or isinstance(value, dict)) and key not in DATASET_TABLES else None
+        if meant is not None:
+            shown = f"[[{key}]]" if isinstance(value, list) else f"[{key}]"
+            problems.append(f"{shown}: unknown table; did you mean {meant}?")
+        elif key in ("general", "datasets"):
             tables[key] = value
+        elif array:
+            problems.append(f"[[{key}]]: unknown table (an array of tables); only [[datasets]] is one")
         elif isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 if sub_key in flat:

@@ -73,7 +73,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
             "fp16_master_weights_and_gradients",
         ),
         "DeepSpeed is set up in an accelerate config (distributed_type: DEEPSPEED, deepspeed_config), started with "
-        "sdtool train --accelerate-config FILE or accelerate launch; see README: Multi-GPU and multi-node",
+        "sdtool train --accelerate-config FILE or accelerate launch; see docs/multi-gpu.md",
     ),
     "color_aug": "not cacheable and unusable in kohya's fine_tune.py; not implemented",
     "random_crop": "not cacheable and unusable in kohya's fine_tune.py; not implemented",
