@@ -196,7 +196,7 @@ def run_text_cache(
     folder = text_cache_dir(metadata_path)
     summary = TextCacheSummary(captions=len({text for _, text in pairs}))
     if not status_only:
-        with progress_bar("text-encoder outputs", summary.captions) as advance:
+        with progress_bar("text-encoder outputs", summary.captions, unit="captions") as advance:
             summary.encoded = encode_missing(
                 (t for _, t in pairs),
                 loaded.family,

@@ -21,6 +21,14 @@ def command(
     overwrite: Annotated[
         bool, flag("--overwrite", help="Replace the folder of an earlier demo (never any other folder).")
     ] = False,
+    sdxl: Annotated[
+        bool,
+        flag(
+            "--sdxl",
+            help="Train a tiny SDXL model instead of SD-1.x: both text encoders, their outputs cached first, size "
+            "conditioning.",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole chain offline on a generated dataset and a tiny model."""
     from sdtool.console import QUIET, VERBOSE, verbosity
@@ -32,5 +40,5 @@ def command(
     def run_step(argv: list[str]) -> int | None:
         return root_command.main(args=[*level, *argv], prog_name="sdtool", standalone_mode=False)
 
-    root = run_demo(run_step, dir, device, overwrite)
+    root = run_demo(run_step, dir, device, overwrite, family="sdxl" if sdxl else "v1")
     typer.echo(str(root))

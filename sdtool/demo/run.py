@@ -2,7 +2,8 @@
 
 Every step is printed as the command a user would type, then run through the same CLI in this process (a
 `run_step` callable the CLI passes in, so this package never imports the CLI): doctor → caption → tag → bucket →
-cache → cache --status → train --dry-run → train → convert, then one image from the converted model.
+cache → cache --status → train --dry-run → train → convert, then one image from the converted model. `--sdxl` runs
+it with a tiny SDXL model, whose text encoders' outputs are cached (`cache --text-encoder-outputs`) before training.
 
 The models are tiny and untrained: the captioner writes random words, the tagger looks only at the mean colour,
 and the SD model's samples are noise. That is by design: the demo shows that every step runs and where its
@@ -19,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from rich.markup import escape
 
@@ -34,7 +36,7 @@ CONFIG_TEMPLATE = """\
 # The demo's training config: kohya's key names, grouped in tables as kohya's --config_file allows.
 # Relative paths resolve against this file's folder.
 [model_arguments]
-pretrained_model_name_or_path = "models/tiny-sd"
+pretrained_model_name_or_path = "models/{model}"
 
 [saving_arguments]
 output_dir = "output"
@@ -46,7 +48,7 @@ save_precision = "fp16"
 max_train_steps = {steps}
 seed = 42
 max_token_length = 225          # long prompts: three 75-token chunks
-clip_skip = 2                   # the penultimate CLIP layer
+{text_options}
 cache_latents = true            # train on the latents `sdtool cache` wrote (anything missing is encoded first)
 cache_latents_to_disk = true    # … into the same cache folder, where `sdtool cache --status` sees it
 gradient_checkpointing = true
@@ -64,9 +66,7 @@ lr_scheduler = "constant_with_warmup"
 lr_warmup_steps = 3
 
 [general]
-shuffle_caption = true
-keep_tokens = 1
-caption_separator = ","
+{caption_options}
 
 [[datasets]]
 resolution = {resolution}
@@ -76,6 +76,26 @@ batch_size = 2
   image_dir = "images"
   metadata_file = "meta.json"
 """
+
+# What differs between the SD-1.x demo and the SDXL one (`--sdxl`): the model, and how captions reach the text
+# encoders. SDXL's two frozen text encoders read the outputs `sdtool cache --text-encoder-outputs` stored, which
+# rules out caption shuffling (a shuffled caption is a new text every step).
+FAMILY_OPTIONS = {
+    "v1": {
+        "model": "tiny-sd",
+        "text_options": "clip_skip = 2                   # the penultimate CLIP layer",
+        "caption_options": 'shuffle_caption = true\nkeep_tokens = 1\ncaption_separator = ","',
+    },
+    "sdxl": {
+        "model": "tiny-sdxl",
+        "text_options": (
+            "cache_text_encoder_outputs = true          # both text encoders' outputs, from the cache below\n"
+            "cache_text_encoder_outputs_to_disk = true  # … in meta.text/, written by `sdtool cache "
+            "--text-encoder-outputs`"
+        ),
+        "caption_options": "# no shuffle_caption: cached text-encoder outputs are those of each caption as written",
+    },
+}
 
 SAMPLE_PROMPTS = """\
 # kohya's prompt-file format: a prompt, then --w/--h size, --d seed, --s steps, --l CFG scale, --n negative prompt
@@ -98,6 +118,8 @@ OUTPUTS = {
     "diffusers folder": "demo-diffusers",
     "sample from it": "sample.png",
 }
+# `--sdxl` writes one more: the text encoders' outputs for every caption.
+SDXL_OUTPUTS = {**OUTPUTS, "text-encoder outputs": "meta.text"}
 
 # Marks a folder as the demo's own, so `--overwrite` never deletes anything else.
 MARKER = ".sdtool-demo"
@@ -132,11 +154,13 @@ def run_demo(
     folder: Path | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    family: Literal["v1", "sdxl"] = "v1",
 ) -> Path:
     """Run every step; return the folder holding everything the demo wrote.
 
     `run_step(argv)` runs one `sdtool` command line in this process and returns its exit code (the CLI passes its
     own root command, so the demo shows exactly what a user would type and never imports the CLI back).
+    `family` is "v1" (a tiny SD-1.x model) or "sdxl" (a tiny SDXL model, trained on cached text-encoder outputs).
     """
     from sdtool.runtime import resolve_device
 
@@ -150,7 +174,11 @@ def run_demo(
         # process slows every step down many times over.
         torch.set_num_threads(1)
     images, models = root / "images", root / "models"
-    sd_model, captioner, tagger = models / "tiny-sd", models / "tiny-captioner", models / "tiny-tagger"
+    options = FAMILY_OPTIONS[family]
+    sdxl = family == "sdxl"
+    sd_model, captioner, tagger = models / options["model"], models / "tiny-captioner", models / "tiny-tagger"
+    model_arg = f"models/{options['model']}"
+    title = "SDXL" if sdxl else "SD-1.x"
     config = root / "config.toml"
     run = _StepRunner(run_step, root)
     info(f"every step runs in {root}, as you would type it there")
@@ -161,10 +189,10 @@ def run_demo(
     from sdtool.models.tiny import save_tiny_model
 
     made = make_demo_images(images)
-    save_tiny_model(sd_model, "v1")
+    save_tiny_model(sd_model, family)
     save_tiny_blip(captioner)
     copy_demo_tagger(tagger)
-    info(f"{len(made)} images in {images}; tiny SD-1.x, BLIP captioner and WD14-style tagger in {models}")
+    info(f"{len(made)} images in {images}; tiny {title}, BLIP captioner and WD14-style tagger in {models}")
     info(
         "the models are tiny and untrained, by design: captions are random words, tags come from the mean colour, "
         "and the trained model's samples are noise. The demo shows every step running, not what a model learns."
@@ -179,29 +207,33 @@ def run_demo(
     run.section("bucket: sizes, aspect-ratio buckets, captions, tags → meta.json")
     bucket_args = ["--resolution", DEMO_RESOLUTION, "--min-bucket-reso", "64", "--max-bucket-reso", "256"]
     run(["bucket", "images", "-o", "meta.json", *bucket_args])
-    run.section("cache: every image through the VAE, flipped too")
-    run(["cache", "meta.json", "--model", "models/tiny-sd", "--flip-aug", "--device", device])
+    run.section("cache: every image through the VAE, flipped too" + (", and the captions' text" if sdxl else ""))
+    # SDXL: the text encoders' outputs for every caption too (meta.text/), as the config's 225 tokens encode them.
+    text_args = ["--text-encoder-outputs", "--max-token-length", "225"] if sdxl else []
+    run(["cache", "meta.json", "--model", model_arg, "--flip-aug", *text_args, "--device", device])
     run.section("cache --status: each entry checked, nothing encoded")
-    run(["cache", "meta.json", "--model", "models/tiny-sd", "--flip-aug", "--status"])
+    run(["cache", "meta.json", "--model", model_arg, "--flip-aug", *text_args, "--status"])
 
     (root / "prompts.txt").write_text(SAMPLE_PROMPTS)
-    config.write_text(CONFIG_TEMPLATE.format(steps=DEMO_STEPS, sample_every=10, resolution=DEMO_RESOLUTION))
+    text = CONFIG_TEMPLATE.format(steps=DEMO_STEPS, sample_every=10, resolution=DEMO_RESOLUTION, **options)
+    config.write_text(text)
     info(f"config written to {config}, sample prompts to {root / 'prompts.txt'}")
     run.section("train --dry-run: the plan and a memory estimate")
     run(["train", "config.toml", "--dry-run"])
-    run.section(f"train: {DEMO_STEPS} steps, 225 tokens, clip_skip 2, AdamW8bit")
+    how = "both text encoders from the cache, size conditioning" if sdxl else "clip_skip 2"
+    run.section(f"train: {DEMO_STEPS} steps of {title}, 225 tokens, {how}, AdamW8bit")
     run(["train", "config.toml"])
     info("the samples in output/sample are noise: a tiny untrained model learns nothing in 30 steps (by design)")
 
     run.section("convert: the trained file to a diffusers folder")
-    run(["convert", "output/demo.safetensors", "demo-diffusers", "--config", "models/tiny-sd"])
+    run(["convert", "output/demo.safetensors", "demo-diffusers", "--config", model_arg])
 
     run.section("sample: one image from the converted model")
-    sample = _sample(root / "demo-diffusers", root / "sample.png", device)
+    sample = _sample(root / "demo-diffusers", root / "sample.png", device, clip_skip=None if sdxl else 2)
     info(f"sample written to {sample}")
 
     run.section("done")
-    for label, rel in OUTPUTS.items():
+    for label, rel in (SDXL_OUTPUTS if sdxl else OUTPUTS).items():
         info(f"  {label:<42} {root / rel}")
     info(f"the demo took {time.perf_counter() - started:.0f} s")
     return root
@@ -240,12 +272,11 @@ class _StepRunner:
             raise SdtoolError(f"the demo step 'sdtool {argv[0]}' failed (exit {code})", hint="see the messages above")
 
 
-def _sample(model_dir: Path, target: Path, device: str) -> Path:
+def _sample(model_dir: Path, target: Path, device: str, clip_skip: int | None) -> Path:
     """One image from the converted model, using sdtool's sampling (the same code training samples with)."""
     from sdtool.console import loading
     from sdtool.models.loading import load_model
     from sdtool.runtime import resolve_device
-    from sdtool.text import encode_prompts
     from sdtool.train.sample_prompts import SamplePrompt
     from sdtool.train.sampling import generate_samples
 
@@ -256,18 +287,19 @@ def _sample(model_dir: Path, target: Path, device: str) -> Path:
         paths = generate_samples(
             model.unet,
             model.vae,
-            model.text_encoder,
-            model.tokenizer,
+            model.text_encoders,
+            model.tokenizers,
             model.scheduler_config,
             [prompt],
-            encode_prompts=encode_prompts,
+            encode_prompts=model.family.encode_prompts,
+            family=model.family,
             out_dir=Path(scratch),
             step=0,
             epoch=0,
             device=resolve_device(device),
             dtype=None,
             max_token_length=225,
-            clip_skip=2,
+            clip_skip=clip_skip,
             name_prefix="demo",
         )
         shutil.move(paths[0], target)

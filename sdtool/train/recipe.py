@@ -282,7 +282,7 @@ class FineTuneRecipe:
         to_disk = t.cache_text_encoder_outputs_to_disk
         total = sum(len(set(v)) for v in texts.values())
         encoded = 0
-        with progress_bar("text-encoder outputs", total) as advance:
+        with progress_bar("text-encoder outputs", total, unit="captions") as advance:
             for metadata_file, captions in texts.items():
                 if to_disk and not acc.is_main_process:
                     continue  # rank 0 writes the files; the others read them after the barrier below

@@ -149,3 +149,27 @@ def test_demo_refuses_a_file_as_its_folder(tmp_path, cli):
     result = cli("demo", "--dir", target)
     assert result.exit_code == 2 and "is not a folder" in result.stderr
     assert target.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_sdxl_demo_trains_a_tiny_sdxl_model_on_cached_text_encoder_outputs(tmp_path):
+    root = tmp_path / "demo"
+    proc = run_sdtool("demo", "--sdxl", "--dir", root, "--device", "cpu", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    shown = [line.split("$ ", 1)[1] for line in proc.stderr.splitlines() if line.startswith("$ sdtool ")]
+    assert any("--text-encoder-outputs" in s and "--status" not in s for s in shown)
+    assert "model " in proc.stderr and "SDXL, epsilon prediction" in proc.stderr
+
+    config = (root / "config.toml").read_text()
+    assert "cache_text_encoder_outputs = true" in config and "shuffle_caption" not in config.split("#", 1)[0]
+    assert list((root / "meta.text").rglob("*.safetensors"))  # the outputs training read, on disk
+    assert len((root / "output" / "metrics.jsonl").read_text().splitlines()) == 30
+    index = json.loads((root / "demo-diffusers" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and "text_encoder_2" in index
+    assert Image.open(root / "sample.png").size == (128, 128)
+
+    from sdtool.demo.run import MARKER, SDXL_OUTPUTS
+
+    top = {p.name for p in root.iterdir()} - {MARKER}
+    assert top == {path.split("/")[0] for path in SDXL_OUTPUTS.values()}
