@@ -92,7 +92,7 @@ def command(
         typer.Option(
             "--resize-interpolation",
             help="Resampling filter for the resize: PIL's lanczos/bicubic/bilinear/box/nearest, OpenCV's area, or "
-            "kohya (area when shrinking, lanczos when enlarging, as sd-scripts). Default: lanczos; kohya with "
+            "kohya (area when shrinking, lanczos when enlarging, as sd-scripts); default: lanczos, kohya with "
             "--format kohya.",
             show_default=False,
         ),

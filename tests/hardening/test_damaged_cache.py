@@ -7,6 +7,7 @@ a 0-d `original_size` and integer latents.
 
 Before: truncated and NaN entries were "ok", a mistyped record crashed `--status` and `cache` with
 AttributeError/TypeError/KeyError, and training said "run sdtool cache" for entries `cache` called up to date.
+Now training encodes what it finds unusable itself, for the same reasons `cache --status` gives.
 """
 
 from __future__ import annotations
@@ -159,23 +160,35 @@ batch_size = 1
 
 
 def test_training_and_cache_agree_on_a_damaged_entry_so_there_is_no_loop(cli, tmp_path, tiny_v1):
+    """Training calls a damaged entry unusable for the same reason `cache --status` calls it stale, and encodes it
+    itself (kohya's cache_latents semantics): in memory for the run, or to the cache folder with
+    cache_latents_to_disk, after which `cache --status` is all ok. Never "run sdtool cache" for an entry `cache`
+    calls up to date."""
     images = make_images(tmp_path / "images", ["a", "b"])
     meta = tmp_path / "meta.json"
     assert cli("bucket", tmp_path / "images", "-o", meta, *BUCKET).exit_code == 0
     assert cli("cache", meta, "-m", tiny_v1, "--workers", "0").exit_code == 0
     entry = native_entry_path(images[1], tmp_path / "meta.latents")
     cut(entry)
-    cfg = write_config(
-        tmp_path / "train.toml",
-        TRAIN.format(model=tiny_v1, out=tmp_path / "out", images=tmp_path / "images", meta=meta),
-    )
+    reason = status(cli, meta, "-m", tiny_v1)[str(images[1])]
+    assert reason["status"] == "stale" and "truncated" in reason["reason"], reason
+    text = TRAIN.format(model=tiny_v1, out=tmp_path / "out", images=tmp_path / "images", meta=meta)
 
-    refused = cli("train", cfg)
-    assert refused.exit_code == 1, refused.stderr
-    assert f"error: {images[1]}: unreadable cache entry" in refused.stderr
-    assert "run sdtool cache" in refused.stderr and "unexpected" not in refused.stderr
+    planned = cli("-v", "train", write_config(tmp_path / "memory.toml", text), "--dry-run")
+    assert planned.exit_code == 0, planned.stderr
+    assert "cached latents: 1 ok, 1 to encode in memory" in planned.stderr
+    assert f"to encode: {images[1]} (" in planned.stderr and "truncated" in planned.stderr
 
-    fixed = cli("cache", meta, "-m", tiny_v1, "--workers", "0")
-    assert fixed.exit_code == 0 and "encoding 1 images" in fixed.stderr, fixed.stderr  # not "all up to date"
-    trained = cli("train", cfg)
+    in_memory = cli("train", write_config(tmp_path / "memory.toml", text))
+    assert in_memory.exit_code == 0, in_memory.stderr
+    assert "1 images have no usable cached latents; encoding them into memory" in in_memory.stderr
+    assert status(cli, meta, "-m", tiny_v1)[str(images[1])]["status"] == "stale"  # memory mode writes no cache
+
+    to_disk = text.replace("cache_latents = true", "cache_latents = true\ncache_latents_to_disk = true")
+    to_disk = to_disk.replace(str(tmp_path / "out"), str(tmp_path / "out2"))
+    trained = cli("train", write_config(tmp_path / "disk.toml", to_disk))
     assert trained.exit_code == 0, trained.stderr
+    assert "encoding them into the cache folder" in trained.stderr
+    assert {r["status"] for r in status(cli, meta, "-m", tiny_v1).values()} == {"ok"}
+    again = cli("cache", meta, "-m", tiny_v1, "--workers", "0")
+    assert again.exit_code == 0 and "encoding" not in again.stderr, again.stderr  # nothing left for `cache` to do

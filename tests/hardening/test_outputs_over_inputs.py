@@ -82,16 +82,16 @@ def test_bucket_output_can_never_be_an_input(cli, tmp_path):
     assert snapshot(images) == before
 
 
-@pytest.mark.parametrize("command", ["caption", "tag"])
-def test_a_sidecar_extension_is_never_an_image_extension(cli, tmp_path, command):
+@pytest.mark.parametrize(("command", "option"), [("caption", "--caption-extension"), ("tag", "--tags-extension")])
+def test_a_sidecar_extension_is_never_an_image_extension(cli, tmp_path, command, option):
     images = tmp_path / "images"
     images.mkdir()
     save_rgb(images / "a.png", 16, 16)
     save_rgb(images / "b.jpg", 16, 16)
     before = snapshot(images)
     for ext in (".jpg", ".PNG", ".webp"):
-        error = one_error(cli(command, images, "--caption-extension", ext, "--overwrite", "-m", tmp_path / "none"))
-        assert "--caption-extension" in error and "named like an image" in error
+        error = one_error(cli(command, images, option, ext, "--overwrite", "-m", tmp_path / "none"))
+        assert option in error and "named like an image" in error
     assert snapshot(images) == before
 
 
