@@ -15,14 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from sdtool import __version__
-from sdtool.cli import bucket, cache, caption, convert, demo, doctor, tag, train
+from sdtool.cli import bucket, cache, caption, convert, demo, doctor, report, tag, train
 from sdtool.console import NORMAL, QUIET, VERBOSE, debug_enabled, err, error_line, set_verbosity
 from sdtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, SdtoolError
 from sdtool.runtime import quiet_third_party
 
 app = typer.Typer(
     name="sdtool",
-    help="Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert.",
+    help="Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, report, convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -43,7 +43,7 @@ def root(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert."""
+    """Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, report, convert."""
     if verbose and quiet:
         raise typer.BadParameter("--verbose and --quiet exclude each other")
     set_verbosity(VERBOSE if verbose else QUIET if quiet else NORMAL)
@@ -76,7 +76,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-for _module in (caption, tag, bucket, cache, train, convert, doctor, demo):
+for _module in (caption, tag, bucket, cache, train, report, convert, doctor, demo):
     app.command(_module.NAME, no_args_is_help=_module.NO_ARGS_IS_HELP)(guarded(_module.command))
 
 

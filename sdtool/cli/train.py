@@ -88,10 +88,11 @@ def command(
             from sdtool.train.dataset import cache_problems, training_vae_fingerprint
 
             t = cfg.train
+            items = plan.items + plan.val_items
             missing, stale = cache_problems(
-                plan.items, plan.subsets, training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
+                items, plan.subsets, training_vae_fingerprint(t.vae, t.pretrained_model_name_or_path)
             )
-            ok = len(plan.items) - len(missing) - len(stale)
+            ok = len(items) - len(missing) - len(stale)
             info(f"cached latents: {ok} ok, {len(missing)} missing, {len(stale)} stale")
         memory = estimate_memory(cfg)
         info("memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))

@@ -40,6 +40,8 @@ class TrainProgress:
         self.progress = make_progress(TextColumn("{task.fields[stats]}"))
         self.total, self.done = total, done
         self.started = time.perf_counter()
+        self.validation = ""  # the last validation result, kept on the line
+        self.step_stats = ("", "")
 
     def __enter__(self) -> TrainProgress:
         self.progress.__enter__()
@@ -50,8 +52,18 @@ class TrainProgress:
         steps = record["step"] - self.done
         rate = steps / max(time.perf_counter() - self.started, 1e-9)
         lrs = " ".join(f"{v:.2e}" for v in record["lr"].values())
-        stats = f"loss {record['loss']:.4f}  lr {lrs}  {rate:.2f} it/s"
-        self.progress.update(self.task, completed=record["step"], stats=stats)
+        self.step_stats = (f"loss {record['loss']:.4f}", f"lr {lrs}  {rate:.2f} it/s")
+        self._show(completed=record["step"])
+
+    def set_validation(self, text: str) -> None:
+        """Show a validation result (e.g. "val 0.1234 (best 0.1200 @ 40)") on the line from now on."""
+        self.validation = text
+        self._show()
+
+    def _show(self, **fields: Any) -> None:
+        loss, rest = self.step_stats
+        stats = "  ".join(part for part in (loss, self.validation, rest) if part)
+        self.progress.update(self.task, stats=stats, **fields)
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from sdtool.errors import ConfigError
 from sdtool.models.families.base import ModelFamily
-from sdtool.train.config.checks import check_family, check_train
+from sdtool.train.config.checks import check_family, check_train, check_validation
 from sdtool.train.config.datasets import read_dataset_tables, resolve_datasets
 from sdtool.train.config.files import check_keys, flatten, format_validation, parse_override, read_toml
 from sdtool.train.config.schema import TOP_KEYS, ResolvedConfig, TrainConfig
@@ -55,6 +55,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Resolve
     if train is not None:
         check_train(train, base, problems)
         check_family(train, family, specs, problems)
+        check_validation(train, specs, problems)
     if problems:
         raise ConfigError(problems, hint=f"fix {path}")
     assert train is not None

@@ -113,6 +113,34 @@ def check_train(cfg: TrainConfig, base: Path, problems: list[str]) -> None:
         problems.append("cache_latents_to_disk: contradicts cache_latents = false; remove cache_latents_to_disk")
 
 
+def check_validation(cfg: TrainConfig, datasets: list[Any], problems: list[str]) -> None:
+    """Validation keys (CONTRACT §O): they need validation images, timesteps on the schedule, EMA for
+    `validation_weights`, and some training data left over."""
+    has_validation = any(d.validation or d.validation_split > 0 for d in datasets)
+    wants = [
+        key
+        for key in ("validate_every_n_steps", "validate_every_n_epochs", "validation_weights", "save_best")
+        if getattr(cfg, key) not in (None, False)
+    ]
+    if "validation_timesteps" in cfg.model_fields_set and cfg.validation_timesteps != 4:
+        wants.append("validation_timesteps")
+    if wants and datasets and not has_validation:
+        problems.append(
+            f"{'/'.join(wants)}: no validation images; set validation_split (e.g. 0.1) or add a [[datasets]] "
+            "table with validation = true"
+        )
+    if datasets and all(d.validation for d in datasets):
+        problems.append("datasets: every dataset has validation = true; nothing is left to train on")
+    if cfg.validation_weights is not None and not cfg.use_ema:
+        problems.append("validation_weights: chooses between the EMA and the trained weights; needs use_ema = true")
+    steps = cfg.validation_timesteps
+    if isinstance(steps, int):
+        if not 1 <= steps <= 100:
+            problems.append(f"validation_timesteps: a count from 1 to 100, or a list of timesteps (got {steps})")
+    elif not steps or len(set(steps)) != len(steps) or any(not 0 <= s < 1000 for s in steps):
+        problems.append(f"validation_timesteps: a list of distinct timesteps from 0 to 999, or a count (got {steps})")
+
+
 def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
     """`v_parameterization` against a local diffusers folder's own JSON configs, before any weights load (`v2` is
     checked against the family by `check_family`).
