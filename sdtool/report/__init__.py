@@ -71,7 +71,10 @@ def write_report_after_training(folder: Path) -> None:
     """The report at the end of a run; a problem writing it is a warning, never a failed run."""
     try:
         files = write_report(folder)
-    except (SdtoolError, OSError, ValueError) as exc:
-        warn(f"the run report could not be written: {exc}")
+    except SdtoolError as exc:
+        warn(f"the run report could not be written: {exc.one_line()}")
+        return
+    except Exception as exc:  # the model is saved: nothing about a report may fail the run
+        warn(f"the run report could not be written: {type(exc).__name__}: {exc} (sdtool report {folder} retries)")
         return
     info(f"run report: {files.html}" + (f" (curves: {files.png})" if files.png else ""))

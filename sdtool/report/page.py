@@ -88,7 +88,7 @@ def _summary(data: RunData) -> str:
         tail = [float(s["loss"]) for s in data.steps[-max(1, len(data.steps) // 10) :]]
         cards.append(_card("training loss (last 10 %)", f"{sum(tail) / len(tail):.4f}"))
         seconds = sum(float(s.get("seconds", 0)) for s in data.steps)
-        cards.append(_card("time in steps", _duration(seconds)))
+        cards.append(_card("training time", _duration(seconds)))
     best = data.best
     if best is not None:
         cards.append(_card("best validation loss", f"{primary_loss(best):.4f} @ step {best['step']}"))

@@ -62,6 +62,11 @@ def make_plan(cfg: ResolvedConfig) -> Plan:
     items, val_items, splits = split_validation(items, cfg.datasets, seed)
     if not items:
         raise ConfigError("every image is a validation image; nothing is left to train on", hint=f"fix {cfg.path}")
+    if splits and not val_items:
+        raise ConfigError(
+            "validation_split holds no image out: round(images × validation_split) is 0 in every subset",
+            hint=f"raise validation_split in {cfg.path}, or add a [[datasets]] table with validation = true",
+        )
     if not t.cache_latents:
         items = drop_undecodable(items)  # the cache already skipped them; here a bad image would stop the run
         if val_items:

@@ -236,6 +236,12 @@ class Validator:
                 start, stop = split_batch(len(batch_rows), rank, processes)
                 rows, real = (batch_rows[start:stop], True) if stop > start else (batch_rows[:1], False)
                 batch = self._batch(recipe, rows)
+                if "hidden" not in batch:  # the text is encoded once, for every timestep
+                    with acc.autocast():
+                        encoded = recipe.family.encode_ids(recipe.text_encoders, batch["input_ids"], self.t.clip_skip)
+                    batch["hidden"] = encoded.hidden
+                    if encoded.pooled is not None:
+                        batch["pooled"] = encoded.pooled
                 x0 = batch["latents"].float() * recipe.scaling_factor
                 for k, t in enumerate(self.timesteps):
                     noise = torch.stack([self._noise(i, t, x0.shape[1:]) for i in rows]).to(x0.device)

@@ -22,8 +22,10 @@ def test_demo_end_to_end(tmp_path):
     metadata = json.loads((root / "meta.json").read_text())
     assert len(metadata) == 16 and all("train_resolution" in e for e in metadata.values())
     assert len(list((root / "meta.latents").glob("*.safetensors"))) == 16
-    lines = (root / "output" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 30
+    lines = [json.loads(line) for line in (root / "output" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 10, 20, 30]  # 4 held-out images, every 10 steps
+    assert (root / "output" / "report.html").is_file()
     assert (root / "output" / "demo.safetensors").is_file()
     assert (root / "demo-diffusers" / "model_index.json").is_file()
     assert len(list((root / "output" / "sample").glob("*_grid.png"))) == 3

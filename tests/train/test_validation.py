@@ -158,6 +158,9 @@ def test_kohya_validation_keys_are_accepted_now(tmp_path):
     # kohya's schema rejects an int 0 (reference §2, bug 32); sdtool takes it, and a split of 0 holds nothing out.
     cfg = load(tmp_path, "validation_split = 0\nvalidation_seed = 3\n" + dataset_toml(meta, images))
     assert cfg.datasets[0].validation_split == 0 and plan_of(cfg).val_items == []
+    # A split too small to hold out a single image is refused before anything loads, not silently skipped.
+    with pytest.raises(ConfigError, match="validation_split holds no image out"):
+        plan_of(load(tmp_path, "validation_split = 0.1\n" + dataset_toml(meta, images)))
     printed = load(tmp_path, "validation_split = 0.5\nvalidation_seed = 3\n" + dataset_toml(meta, images)).to_toml()
     assert "validation_split = 0.5\nvalidation_seed = 3" in printed  # printed with its dataset, where it applies
 

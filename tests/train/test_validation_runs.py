@@ -4,6 +4,7 @@ and the numbers survive a resume and 2 gloo processes, every family, cached late
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def test_same_weights_same_loss_to_the_last_bit_and_what_it_measures(cli, tmp_pa
         "m.safetensors",
         "metrics.jsonl",
     ]
-    assert "validation loss at step 3:" in result.stderr and "val " in result.stderr
+    assert "validation loss at step 3:" in result.stderr
+    assert re.search(r"loss \d\.\d{4}  val \d\.\d{4} \(best \d\.\d{4} @ 0\)", result.stderr)  # the progress line
     assert (tmp_path / "flat" / "report.html").is_file() and "run report:" in result.stderr
 
     # A learning rate: the curve moves, and only the trained weights move at first (the EMA lags behind).
@@ -304,3 +306,35 @@ def test_cached_latents_give_the_vae_mean_and_validation_never_changes_training(
     assert_same_tensors(tmp_path / "plain" / "m.safetensors", tmp_path / "with_val" / "m.safetensors")
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "plain")[0]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in records(tmp_path / "with_val")[0]]
+
+
+def test_a_hypernetwork_is_validated_at_full_strength_without_dropout(tmp_path, tiny_v1):
+    extra = (
+        "validation_split = 0.34\ntrain_hypernetwork = true\nhypernetwork_multiplier = 0.5\n"
+        "hypernetwork_dropout = [0, 0.5, 0]"
+    )
+    recipe = recipe_for(config(tmp_path, tiny_v1, "hn", lr=3e-2, extra=extra))
+    try:
+        recipe.setup()
+        recipe.train()
+        hyper = recipe.hypernetwork
+        first = recipe.validator.measure(recipe, step=2, epoch=1)
+        assert recipe.validator.measure(recipe, step=2, epoch=1).losses == first.losses  # no dropout
+        # It measures the hypernetwork at strength 1 (what training optimizes), not at the sampling strength: held
+        # at 0.5 for a pass, the same images give another loss.
+        hyper.set_multiplier(0.5)
+        hyper.set_multiplier = lambda multiplier: hyper  # type: ignore[method-assign]  (keeps 0.5 for one pass)
+        try:
+            at_half = recipe.validator._pass(recipe)
+        finally:
+            del hyper.set_multiplier
+        assert at_half[0] != first.losses["val_loss"][0]
+        # Flags and strength are given back: training mode, and the sampling strength for eval mode.
+        hyper.train()
+        recipe.validator.measure(recipe, step=2, epoch=1)
+        assert all(m.training for m in hyper.modules())
+        assert {m.multiplier for m in hyper.modules() if hasattr(m, "multiplier")} == {0.5}
+    finally:
+        recipe.close()
+    _, val = records(tmp_path / "hn")
+    assert [r["step"] for r in val] == [0, 2]
