@@ -149,7 +149,7 @@ def _binned(xs: list[int], ys: list[float], bins: int) -> tuple[list[float], lis
 
 
 def render(fig: Any, fmt: str) -> bytes:
-    """The figure as SVG (text as paths, no date: the same data gives the same bytes) or PNG."""
+    """The figure as SVG (text as paths, no date) or PNG."""
     matplotlib = _matplotlib()
     buf = io.BytesIO()
     metadata = {"Date": None} if fmt == "svg" else {"Software": None}

@@ -24,7 +24,9 @@ end of every `validate_every_n_epochs`-th epoch (every epoch when neither key is
 step. Each measurement is one line of `metrics.jsonl` (`step`, `epoch`, `val_loss`, `val_loss_by_t`, `val_images`,
 `val_seconds`, and `val_loss_raw`, `val_loss_raw_by_t` with both weights), goes to the trackers and onto the
 progress line. `save_best` writes the model with the lowest `val_loss` so far as `<output_name>-best` (pruning
-never touches it); the best value is kept in state folders, so a resumed run compares against it.
+never touches it) after any step that improves on every earlier measurement, the starting point included (which is
+the model the run started from, not saved again); the best value is kept in state folders, so a resumed run
+compares against it.
 
 Under N processes the global batches of validation images are split between the ranks as training batches are
 (distributed.py) and the per-timestep sums are added up across ranks: the numbers equal one process's up to
@@ -50,8 +52,6 @@ from sdtool.train.distributed import split_batch
 from sdtool.train.holdout import image_key, key_hash, split_seed, subset_roots
 from sdtool.train.outputs import model_path
 
-VALIDATION_STATE = "validation"  # its key in a state's sdtool_state.json
-
 
 def validation_timesteps(setting: int | list[int], low: int, high: int) -> list[int]:
     """The fixed timesteps: a list as given (sorted), or `setting` points spread over [low, high) as kohya's
@@ -60,7 +60,7 @@ def validation_timesteps(setting: int | list[int], low: int, high: int) -> list[
         return sorted(setting)
     import numpy as np
 
-    return [int(t) for t in np.linspace(low, high, setting + 2, dtype=int)[1:-1]]
+    return sorted({int(t) for t in np.linspace(low, high, setting + 2, dtype=int)[1:-1]})
 
 
 def validation_caption(item: TrainItem, sub: SubsetRuntime) -> str:
@@ -210,7 +210,7 @@ class Validator:
             f"validation loss at step {m.step}: {primary:.4f} ({m.images} images × {len(self.timesteps)} timesteps, "
             f"{m.seconds:.1f} s); best {self.best:.4f} at step {self.best_step}"
         )
-        if improved and self.t.save_best:
+        if improved and self.t.save_best and m.step > 0:  # step 0 is the model the run started from
             recipe.save_model(model_path(self.t, f"{self.t.output_name}-best"))
 
     # ------------------------------------------------------------------------------------------- measuring

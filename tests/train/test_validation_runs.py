@@ -121,8 +121,8 @@ def test_same_weights_same_loss_to_the_last_bit_and_what_it_measures(cli, tmp_pa
     assert mean == pytest.approx(sum(expected.values()) / 2, rel=1e-4)
 
     # Through the CLI with a learning rate of 0: the weights never change, so neither does any validation number
-    # (EMA of unchanging weights is those weights: val_loss == val_loss_raw); save_best keeps the first, and the
-    # step pruning leaves it alone.
+    # (EMA of unchanging weights is those weights: val_loss == val_loss_raw), and nothing beats the starting point,
+    # so save_best writes nothing (the start is the model the run began from).
     extra += (
         "\nvalidate_every_n_steps = 1\nuse_ema = true\nsave_best = true\nsave_every_n_steps = 1\nsave_last_n_steps = 1"
     )
@@ -130,26 +130,33 @@ def test_same_weights_same_loss_to_the_last_bit_and_what_it_measures(cli, tmp_pa
     assert result.exit_code == 0, result.stderr
     _, val = records(tmp_path / "flat")
     assert [r["step"] for r in val] == [0, 1, 2, 3] and [r["epoch"] for r in val] == [0, 1, 1, 1]
-    assert {json.dumps({k: v for k, v in r.items() if k.startswith("val_loss")}) for r in val} == {
-        json.dumps({k: v for k, v in val[0].items() if k.startswith("val_loss")})
-    }
+    numbers = {json.dumps({k: v for k, v in r.items() if k.startswith("val_loss")}) for r in val}
+    assert len(numbers) == 1
     assert val[0]["val_loss"] == val[0]["val_loss_raw"] and val[0]["val_images"] == 2
-    assert run_outputs(tmp_path / "flat") == [
+    assert run_outputs(tmp_path / "flat") == ["m-step00000002.safetensors", "m.safetensors", "metrics.jsonl"]
+    assert "validation loss at step 3:" in result.stderr and "best " in result.stderr and "at step 0" in result.stderr
+    assert re.search(r"loss \d\.\d{4}  val \d\.\d{4} \(best \d\.\d{4} @ 0\)", result.stderr)  # the progress line
+    assert (tmp_path / "flat" / "report.html").is_file() and "run report:" in result.stderr
+
+    # A learning rate: the curve moves from the same start (the EMA lags behind the trained weights), every
+    # improvement rewrites <name>-best, and the step pruning leaves it alone.
+    moved = cli("train", config(tmp_path, tiny_v1, "moved", steps=3, lr=1e-3, extra=extra))
+    assert moved.exit_code == 0, moved.stderr
+    _, val = records(tmp_path / "moved")
+    assert val[0]["val_loss"] == records(tmp_path / "flat")[1][0]["val_loss"]
+    assert len({r["val_loss_raw"] for r in val}) == 4
+    best = min(val, key=lambda r: r["val_loss"])
+    assert best["step"] > 0 and moved.stderr.count("-best.safetensors") >= 1
+    assert run_outputs(tmp_path / "moved") == [
         "m-best.safetensors",
         "m-step00000002.safetensors",
         "m.safetensors",
         "metrics.jsonl",
     ]
-    assert "validation loss at step 3:" in result.stderr
-    assert re.search(r"loss \d\.\d{4}  val \d\.\d{4} \(best \d\.\d{4} @ 0\)", result.stderr)  # the progress line
-    assert (tmp_path / "flat" / "report.html").is_file() and "run report:" in result.stderr
+    from safetensors import safe_open
 
-    # A learning rate: the curve moves, and only the trained weights move at first (the EMA lags behind).
-    moved = cli("train", config(tmp_path, tiny_v1, "moved", steps=3, lr=1e-3, extra=extra))
-    assert moved.exit_code == 0, moved.stderr
-    _, val = records(tmp_path / "moved")
-    assert val[0]["val_loss"] == records(tmp_path / "flat")[1][0]["val_loss"]  # the same start
-    assert len({r["val_loss_raw"] for r in val}) == 4
+    with safe_open(tmp_path / "moved" / "m-best.safetensors", "pt") as f:
+        assert f.metadata()["sdtool.steps"] == str(best["step"])  # the best step's weights
 
 
 def sharp_vae_model(source: Path, target: Path) -> Path:
@@ -263,9 +270,9 @@ def test_split_and_numbers_survive_a_resume_and_two_processes(cli, tmp_path, tin
 def test_every_family_validates(cli, tmp_path, family, tiny_v2, tiny_sdxl):
     model = {"v2": tiny_v2, "sdxl": tiny_sdxl}[family]
     # SDXL: size conditioning from the metadata and the text encoders' outputs cached once (validation captions too)
-    extra = (
-        "validation_split = 0.34\ncache_text_encoder_outputs = true" if family == "sdxl" else "validation_split = 0.34"
-    )
+    extra = f'validation_split = 0.34\nlogging_dir = "{tmp_path / "logs"}"'
+    if family == "sdxl":
+        extra += "\ncache_text_encoder_outputs = true"
     text = config(tmp_path, model, "out", steps=2, extra=extra).read_text()
     if family == "sdxl":
         text = text.replace("shuffle_caption = true\ncaption_tag_dropout_rate = 0.3\n", "")
@@ -275,6 +282,15 @@ def test_every_family_validates(cli, tmp_path, family, tiny_v2, tiny_sdxl):
     assert [r["step"] for r in val] == [0, 2]  # the start, then the end (2 steps, less than an epoch)
     assert all(r["val_loss"] == r["val_loss"] and r["val_loss"] > 0 for r in val) and val[0]["val_images"] == 2
     assert set(val[0]["val_loss_by_t"]) == {"200", "400", "600", "800"}
+    # TensorBoard gets the mean and every band, on the step axis.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = (tmp_path / "logs").iterdir()
+    events = EventAccumulator(str(run / "finetuning"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"val_loss", "val_loss/t0200", "val_loss/t0800"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, round(e.value, 5)) for e in events.Scalars("val_loss")]
+    assert logged == [(r["step"], round(r["val_loss"], 5)) for r in val]
 
 
 def test_cached_latents_give_the_vae_mean_and_validation_never_changes_training(cli, tmp_path, tiny_v1):
