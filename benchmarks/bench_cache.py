@@ -85,7 +85,8 @@ def measure(
     import torch
     from diffusers import AutoencoderKL
 
-    from sdtool.cache.job import CacheOptions, bucket_batches, run_cache
+    from sdtool.cache.batches import bucket_batches
+    from sdtool.cache.job import CacheOptions, run_cache
     from sdtool.cache.pixels import load_bucketed_pixels, to_tensor
     from sdtool.console import QUIET, Output, SkipReporter, set_verbosity
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import io
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdtool.cache.batches import Loaded, bucket_batches, prefetch_batches
 from sdtool.cache.entry import (
     CachedLatents,
     CacheFormat,
@@ -28,13 +28,13 @@ from sdtool.cache.entry import (
     native_entry_path,
     write_native_entry,
 )
-from sdtool.cache.fingerprint import source_fingerprint, vae_fingerprint
+from sdtool.cache.fingerprint import vae_fingerprint
 from sdtool.cache.kohya_npz import KohyaSuffix, kohya_crop_ltrb, kohya_npz_path, write_kohya_npz
 from sdtool.cache.placement import CacheItem, plan_items
 from sdtool.cache.ranks import QuietSkips, Ranks
 from sdtool.cache.store import entry_status
 from sdtool.console import Output, SkipReporter, debug, info, plural, progress_bar
-from sdtool.errors import ImageError, NonFiniteError, SdtoolError, UsageError
+from sdtool.errors import NonFiniteError, SdtoolError, UsageError
 from sdtool.fsutil import clean_stale_temps
 from sdtool.runtime import usable_cpus
 
@@ -63,68 +63,6 @@ class CacheSummary:
     nonfinite: int = 0
 
 
-@dataclass
-class _Loaded:
-    item: CacheItem
-    pixels: Any = None
-    source: dict[str, Any] | None = None
-    error: str | None = None
-
-
-def _load(item: CacheItem, interpolation: str) -> _Loaded:
-    """Runs in a loader thread: fingerprint the file, then decode, resize and crop it."""
-    from sdtool.cache.pixels import load_bucketed_pixels
-
-    p = item.placement
-    try:
-        # Fingerprint before decoding: if the file changes meanwhile, the entry looks stale, never wrongly fresh.
-        source = source_fingerprint(item.image_path)
-        pixels = load_bucketed_pixels(item.image_path, p.resized, p.bucket, interpolation, p.original_size)
-    except ImageError as exc:
-        return _Loaded(item, error=exc.reason)
-    except OSError as exc:
-        return _Loaded(item, error=f"cannot read the file ({exc.strerror or exc})")
-    return _Loaded(item, pixels=pixels, source=source)
-
-
-def bucket_batches(items: list[CacheItem], batch_size: int) -> list[list[CacheItem]]:
-    """Batches of at most `batch_size` images that all share one bucket (metadata order within a bucket)."""
-    by_bucket: dict[tuple[int, int], list[CacheItem]] = {}
-    for item in items:
-        by_bucket.setdefault(item.placement.bucket, []).append(item)
-    batches = []
-    for bucket in sorted(by_bucket):
-        group = by_bucket[bucket]
-        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    return batches
-
-
-def prefetch_batches(
-    batches: list[list[CacheItem]], interpolation: str, workers: int, ahead: int
-) -> Iterator[list[_Loaded]]:
-    """Yield loaded batches in order while a thread pool prepares up to `ahead` batches beyond the current one."""
-    if workers <= 0:
-        for batch in batches:
-            yield [_load(item, interpolation) for item in batch]
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdtool-load")
-    pending: deque[list[Future[_Loaded]]] = deque()
-    it = iter(batches)
-    try:
-        for batch in it:
-            pending.append([pool.submit(_load, item, interpolation) for item in batch])
-            if len(pending) > ahead:
-                break
-        while pending:
-            futures = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append([pool.submit(_load, item, interpolation) for item in nxt])
-            yield [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _image_seed(path: Path) -> int:
     import hashlib
 
@@ -140,7 +78,8 @@ def _remove_temp_files(folder: Path, pattern: str) -> None:
 
 def load_cache_vae(model: str | None, vae: str | None, dtype: Any, device: Any) -> Any:
     """The VAE that encodes: `--vae` when given, else the model's `vae/`; eval mode, no grads."""
-    from sdtool.models.loading import load_model, load_vae
+    from sdtool.models.loading import load_model
+    from sdtool.models.vae import load_vae
 
     if vae is not None:
         module = load_vae(vae, dtype=dtype)
@@ -398,7 +337,7 @@ def _warn_about_legacy_npz(items: list[CacheItem]) -> None:
         )
 
 
-def _encode(vae: Any, batch: list[_Loaded], flip: bool, device: Any, dtype: Any) -> tuple[Any, Any]:
+def _encode(vae: Any, batch: list[Loaded], flip: bool, device: Any, dtype: Any) -> tuple[Any, Any]:
     """Posterior mean and std (float32, CPU) of a one-bucket batch; with `flip` the mirrored crops follow."""
     import torch
 
@@ -442,7 +381,7 @@ class _EntryWriter:
         self.output.record({"path": str(item.image_path), "status": "skipped", "reason": reason})
         self.summary.skipped += 1
 
-    def write(self, entry: _Loaded, mean: Any, std: Any, i: int, n: int) -> None:
+    def write(self, entry: Loaded, mean: Any, std: Any, i: int, n: int) -> None:
         import torch
 
         item = entry.item

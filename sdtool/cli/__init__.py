@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from sdtool import __version__
-from sdtool.cli import bucket, cache, caption, convert, demo, doctor, tag, train
+from sdtool.cli import bucket, cache, caption, convert, demo, doctor, report, tag, train
 from sdtool.cli.options import QuietOpt, VerboseOpt
 from sdtool.console import NORMAL, QUIET, VERBOSE, debug_enabled, err, error_line, set_verbosity, verbosity
 from sdtool.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, SdtoolError, UsageError
@@ -24,7 +24,7 @@ from sdtool.runtime import quiet_third_party
 
 app = typer.Typer(
     name="sdtool",
-    help="Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert.",
+    help="Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, report, convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -49,7 +49,7 @@ def root(
         ),
     ] = False,
 ) -> None:
-    """Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, convert."""
+    """Fine-tune Stable Diffusion (v1, v2, SDXL): caption, tag, bucket, cache, train, report, convert."""
     if verbose and quiet:
         raise typer.BadParameter("--verbose and --quiet exclude each other")
     set_verbosity(VERBOSE if verbose else QUIET if quiet else NORMAL)
@@ -115,7 +115,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-for _module in (caption, tag, bucket, cache, train, convert, doctor, demo):
+for _module in (caption, tag, bucket, cache, train, report, convert, doctor, demo):
     # A command run without its arguments prints a short usage and the error on stderr (exit 2), never the help.
     app.command(_module.NAME)(guarded(with_verbosity_flags(_module.command)))
 

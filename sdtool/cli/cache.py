@@ -136,11 +136,18 @@ def command(
     max_token_length: Annotated[
         int | None,
         typer.Option(
-            "--max-token-length", help="With --text-encoder-outputs: 75, 150 or 225, as in the training config."
+            "--max-token-length",
+            help="With --text-encoder-outputs: 75, 150 or 225, as in the training config (default: 75, as a config "
+            "without max_token_length).",
         ),
     ] = None,
     clip_skip: Annotated[
-        int | None, typer.Option("--clip-skip", help="With --text-encoder-outputs: as in the training config.")
+        int | None,
+        typer.Option(
+            "--clip-skip",
+            help="With --text-encoder-outputs: as in the training config (default: none, as a config without "
+            "clip_skip).",
+        ),
     ] = None,
 ) -> None:
     """Encode bucketed images with the VAE and store their latents on disk."""

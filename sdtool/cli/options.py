@@ -80,6 +80,18 @@ def _check_config_input(value: Path | None) -> Path | None:
     return value
 
 
+def _check_run_input(value: Path | None) -> Path | None:
+    """A training run's output_dir (where metrics.jsonl and run.json are); a file in it gets the folder as a hint."""
+    if value is None:
+        return value
+    expected = "expected the output_dir of a training run (the folder that holds metrics.jsonl)"
+    if value.is_file():
+        raise typer.BadParameter(f"{value} is a file; {expected}: {value.parent}?")
+    if not value.exists():
+        raise typer.BadParameter(f"{value} does not exist; {expected}")
+    return value
+
+
 def check_model_source(value: str | None) -> str | None:
     """A single-file checkpoint, a diffusers folder or a hub id (owner/name)."""
     if value is None:
@@ -138,9 +150,24 @@ ModelSourceArg = Annotated[
         callback=check_model_source,
     ),
 ]
+RunDirArg = Annotated[
+    Path,
+    typer.Argument(
+        help="The output_dir of a training run (where metrics.jsonl is).",
+        metavar="RUN",
+        show_default=False,
+        callback=_check_run_input,
+    ),
+]
 # What each argument of a command expects, by its metavar (tests/cli/test_conventions.py checks every command's
 # arguments against this table, so a new argument states what it takes).
-INPUT_KINDS = {"DIR": "image folders", "META": "metadata file", "CONFIG": "config file", "SRC": "model"}
+INPUT_KINDS = {
+    "DIR": "image folders",
+    "META": "metadata file",
+    "CONFIG": "config file",
+    "SRC": "model",
+    "RUN": "training output",
+}
 OUTPUT_ARGS = {"DST"}
 
 # ----------------------------------------------------------------------------------------------- shared options

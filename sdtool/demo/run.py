@@ -2,8 +2,9 @@
 
 Every step is printed as the command a user would type, then run through the same CLI in this process (a
 `run_step` callable the CLI passes in, so this package never imports the CLI): doctor → caption → tag → bucket →
-cache → cache --status → train --dry-run → train → convert, then one image from the converted model. `--sdxl` runs
-it with a tiny SDXL model, whose text encoders' outputs are cached (`cache --text-encoder-outputs`) before training.
+cache → cache --status → train --dry-run → train (samples, a validation loss on held-out images, the run report) →
+convert, then one image from the converted model. `--sdxl` runs it with a tiny SDXL model, whose text encoders'
+outputs are cached (`cache --text-encoder-outputs`) before training.
 
 The models are tiny and untrained: the captioner writes random words, the tagger looks only at the mean colour,
 and the SD model's samples are noise. That is by design: the demo shows that every step runs and where its
@@ -19,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +56,14 @@ cache_latents_to_disk = true    # … into the same cache folder, where `sdtool 
 gradient_checkpointing = true
 max_data_loader_n_workers = 0
 
+[validation_arguments]
+validation_split = 0.25         # 4 of the 16 images are held out: never trained on, measured at fixed noise
+validate_every_n_steps = {sample_every}
+
+[validation_arguments]
+validation_split = 0.25         # 4 of the 16 images are held out: never trained on, measured at fixed noise
+validate_every_n_steps = {sample_every}
+
 [sample_arguments]
 sample_prompts = "prompts.txt"
 sample_every_n_steps = {sample_every}
@@ -77,24 +87,55 @@ batch_size = 2
   metadata_file = "meta.json"
 """
 
-# What differs between the SD-1.x demo and the SDXL one (`--sdxl`): the model, and how captions reach the text
-# encoders. SDXL's two frozen text encoders read the outputs `sdtool cache --text-encoder-outputs` stored, which
-# rules out caption shuffling (a shuffled caption is a new text every step).
-FAMILY_OPTIONS = {
-    "v1": {
-        "model": "tiny-sd",
-        "text_options": "clip_skip = 2                   # the penultimate CLIP layer",
-        "caption_options": 'shuffle_caption = true\nkeep_tokens = 1\ncaption_separator = ","',
-    },
-    "sdxl": {
-        "model": "tiny-sdxl",
-        "text_options": (
+
+@dataclass(frozen=True)
+class DemoModel:
+    """What differs between the SD-1.x demo and the SDXL one (`--sdxl`): the model, and how captions reach the text
+    encoders. SDXL's two frozen text encoders read the outputs `sdtool cache --text-encoder-outputs` stored, which
+    rules out caption shuffling (a shuffled caption is a new text every step)."""
+
+    family: Literal["v1", "sdxl"]
+    folder: str  # under models/
+    title: str
+    text_options: str  # config lines
+    caption_options: str  # config lines under [general]
+    cache_args: tuple[str, ...]  # what `cache` stores besides the latents
+    cache_what: str
+    train_how: str
+    clip_skip: int | None
+    extra_outputs: dict[str, str]
+
+
+DEMO_MODELS = {
+    "v1": DemoModel(
+        family="v1",
+        folder="tiny-sd",
+        title="SD-1.x",
+        text_options="clip_skip = 2                   # the penultimate CLIP layer",
+        caption_options='shuffle_caption = true\nkeep_tokens = 1\ncaption_separator = ","',
+        cache_args=(),
+        cache_what="",
+        train_how="clip_skip 2",
+        clip_skip=2,
+        extra_outputs={},
+    ),
+    "sdxl": DemoModel(
+        family="sdxl",
+        folder="tiny-sdxl",
+        title="SDXL",
+        text_options=(
             "cache_text_encoder_outputs = true          # both text encoders' outputs, from the cache below\n"
             "cache_text_encoder_outputs_to_disk = true  # … in meta.text/, written by `sdtool cache "
             "--text-encoder-outputs`"
         ),
-        "caption_options": "# no shuffle_caption: cached text-encoder outputs are those of each caption as written",
-    },
+        caption_options="# no shuffle_caption: cached text-encoder outputs are those of each caption as written",
+        # the text encoders' outputs for every caption (meta.text/), as the config's 225 tokens encode them
+        cache_args=("--text-encoder-outputs", "--max-token-length", "225"),
+        cache_what=", and the captions' text",
+        train_how="both text encoders from the cache, size conditioning",
+        clip_skip=None,
+        extra_outputs={"text-encoder outputs": "meta.text"},
+    ),
 }
 
 SAMPLE_PROMPTS = """\
@@ -115,11 +156,10 @@ OUTPUTS = {
     "trained model": "output/demo.safetensors",
     "training metrics": "output/metrics.jsonl",
     "training samples": "output/sample",
+    "run report (loss curves, validation, samples)": "output/report.html",
     "diffusers folder": "demo-diffusers",
     "sample from it": "sample.png",
 }
-# `--sdxl` writes one more: the text encoders' outputs for every caption.
-SDXL_OUTPUTS = {**OUTPUTS, "text-encoder outputs": "meta.text"}
 
 # Marks a folder as the demo's own, so `--overwrite` never deletes anything else.
 MARKER = ".sdtool-demo"
@@ -174,11 +214,9 @@ def run_demo(
         # process slows every step down many times over.
         torch.set_num_threads(1)
     images, models = root / "images", root / "models"
-    options = FAMILY_OPTIONS[family]
-    sdxl = family == "sdxl"
-    sd_model, captioner, tagger = models / options["model"], models / "tiny-captioner", models / "tiny-tagger"
-    model_arg = f"models/{options['model']}"
-    title = "SDXL" if sdxl else "SD-1.x"
+    demo = DEMO_MODELS[family]
+    sd_model, captioner, tagger = models / demo.folder, models / "tiny-captioner", models / "tiny-tagger"
+    model_arg = f"models/{demo.folder}"
     config = root / "config.toml"
     run = _StepRunner(run_step, root)
     info(f"every step runs in {root}, as you would type it there")
@@ -189,10 +227,10 @@ def run_demo(
     from sdtool.models.tiny import save_tiny_model
 
     made = make_demo_images(images)
-    save_tiny_model(sd_model, family)
+    save_tiny_model(sd_model, demo.family)
     save_tiny_blip(captioner)
     copy_demo_tagger(tagger)
-    info(f"{len(made)} images in {images}; tiny {title}, BLIP captioner and WD14-style tagger in {models}")
+    info(f"{len(made)} images in {images}; tiny {demo.title}, BLIP captioner and WD14-style tagger in {models}")
     info(
         "the models are tiny and untrained, by design: captions are random words, tags come from the mean colour, "
         "and the trained model's samples are noise. The demo shows every step running, not what a model learns."
@@ -207,21 +245,25 @@ def run_demo(
     run.section("bucket: sizes, aspect-ratio buckets, captions, tags → meta.json")
     bucket_args = ["--resolution", DEMO_RESOLUTION, "--min-bucket-reso", "64", "--max-bucket-reso", "256"]
     run(["bucket", "images", "-o", "meta.json", *bucket_args])
-    run.section("cache: every image through the VAE, flipped too" + (", and the captions' text" if sdxl else ""))
-    # SDXL: the text encoders' outputs for every caption too (meta.text/), as the config's 225 tokens encode them.
-    text_args = ["--text-encoder-outputs", "--max-token-length", "225"] if sdxl else []
-    run(["cache", "meta.json", "--model", model_arg, "--flip-aug", *text_args, "--device", device])
+    run.section(f"cache: every image through the VAE, flipped too{demo.cache_what}")
+    run(["cache", "meta.json", "--model", model_arg, "--flip-aug", *demo.cache_args, "--device", device])
     run.section("cache --status: each entry checked, nothing encoded")
-    run(["cache", "meta.json", "--model", model_arg, "--flip-aug", *text_args, "--status"])
+    run(["cache", "meta.json", "--model", model_arg, "--flip-aug", *demo.cache_args, "--status"])
 
     (root / "prompts.txt").write_text(SAMPLE_PROMPTS)
-    text = CONFIG_TEMPLATE.format(steps=DEMO_STEPS, sample_every=10, resolution=DEMO_RESOLUTION, **options)
+    text = CONFIG_TEMPLATE.format(
+        model=demo.folder,
+        text_options=demo.text_options,
+        caption_options=demo.caption_options,
+        steps=DEMO_STEPS,
+        sample_every=10,
+        resolution=DEMO_RESOLUTION,
+    )
     config.write_text(text)
     info(f"config written to {config}, sample prompts to {root / 'prompts.txt'}")
     run.section("train --dry-run: the plan and a memory estimate")
     run(["train", "config.toml", "--dry-run"])
-    how = "both text encoders from the cache, size conditioning" if sdxl else "clip_skip 2"
-    run.section(f"train: {DEMO_STEPS} steps of {title}, 225 tokens, {how}, AdamW8bit")
+    run.section(f"train: {DEMO_STEPS} steps of {demo.title}, 225 tokens, {demo.train_how}, validation every 10 steps")
     run(["train", "config.toml"])
     info("the samples in output/sample are noise: a tiny untrained model learns nothing in 30 steps (by design)")
 
@@ -229,12 +271,12 @@ def run_demo(
     run(["convert", "output/demo.safetensors", "demo-diffusers", "--config", model_arg])
 
     run.section("sample: one image from the converted model")
-    sample = _sample(root / "demo-diffusers", root / "sample.png", device, clip_skip=None if sdxl else 2)
+    sample = _sample(root / "demo-diffusers", root / "sample.png", device, clip_skip=demo.clip_skip)
     info(f"sample written to {sample}")
 
     run.section("done")
-    for label, rel in (SDXL_OUTPUTS if sdxl else OUTPUTS).items():
-        info(f"  {label:<42} {root / rel}")
+    for label, rel in {**OUTPUTS, **demo.extra_outputs}.items():
+        info(f"  {label:<46} {root / rel}")
     info(f"the demo took {time.perf_counter() - started:.0f} s")
     return root
 

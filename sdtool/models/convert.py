@@ -109,8 +109,9 @@ def convert_checkpoint(
     overwrite: bool = False,
 ) -> ConvertResult:
     """Convert SRC (single file, diffusers folder or hub id) to DST; precision None keeps the source's precision."""
-    from sdtool.models.loading import load_model, load_vae
+    from sdtool.models.loading import load_model
     from sdtool.models.saving import save_diffusers, save_single_file
+    from sdtool.models.vae import load_vae
     from sdtool.runtime import torch_dtype
 
     src = str(src)

@@ -172,8 +172,11 @@ _FREE_KEYS = {
     "gradient_checkpointing",
     "hypernetwork_multiplier",  # sampling strength only
     "hypernetwork_weights",  # the starting point; a state carries the hypernetwork's current weights
+    "validation_timesteps",  # what validation measures and when; training is the same either way
+    "validation_weights",
+    "save_best",
 }
-_FREE_PREFIXES = ("sample_", "log", "wandb_", "metadata_")
+_FREE_PREFIXES = ("sample_", "log", "wandb_", "metadata_", "validate_")
 # Keys whose change makes the saved optimizer/EMA state unusable.
 _BLOCKING_KEYS = {
     "train_text_encoder",

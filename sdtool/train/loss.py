@@ -83,11 +83,23 @@ class DiffusionObjective:
             if opts.ip_noise_gamma_random_strength:
                 gamma = gamma * rand.rand((b, 1, 1, 1))
             input_noise = noise + gamma * rand.randn(latents.shape)  # the target stays `noise`
-        ac = self.alphas_cumprod[t].view(b, 1, 1, 1)
-        x0 = latents.float()
-        noisy = ac.sqrt() * x0 + (1 - ac).sqrt() * input_noise
-        target = ac.sqrt() * noise - (1 - ac).sqrt() * x0 if opts.v_prediction else noise
-        return noisy.to(latents.dtype), t, target
+        noisy = self._noised(latents, input_noise, t)
+        return noisy.to(latents.dtype), t, self._target(latents, noise, t)
+
+    def noisy_at(self, latents: Any, noise: Any, t: Any) -> tuple[Any, Any]:
+        """(noisy latents, target) for scaled latents x0 with the given `noise` at timesteps `t`: plain DDPM noising,
+        none of the training-only extra noise (offset, pyramid, input perturbation). Used by validation."""
+        return self._noised(latents, noise, t), self._target(latents, noise, t)
+
+    def _noised(self, latents: Any, noise: Any, t: Any) -> Any:
+        ac = self.alphas_cumprod[t].view(latents.shape[0], 1, 1, 1)
+        return ac.sqrt() * latents.float() + (1 - ac).sqrt() * noise
+
+    def _target(self, latents: Any, noise: Any, t: Any) -> Any:
+        if not self.options.v_prediction:
+            return noise
+        ac = self.alphas_cumprod[t].view(latents.shape[0], 1, 1, 1)
+        return ac.sqrt() * noise - (1 - ac).sqrt() * latents.float()
 
     def _pyramid(self, noise: Any, rand: _Random) -> Any:
         b, c, h, w = noise.shape
@@ -104,6 +116,10 @@ class DiffusionObjective:
 
     def loss(self, pred: Any, target: Any, t: Any) -> Any:
         """The batch loss: elementwise loss in fp32, mean over C·H·W, per-sample SNR weights, mean over the batch."""
+        return self.per_sample_loss(pred, target, t).mean()
+
+    def per_sample_loss(self, pred: Any, target: Any, t: Any) -> Any:
+        """The loss of each sample: elementwise loss in fp32, mean over C·H·W, times its SNR weight."""
         opts = self.options
         pred, target = pred.float(), target.float()
         if opts.loss_type == "l2":
@@ -118,7 +134,7 @@ class DiffusionObjective:
         weights = self.weights(t)
         if weights is not None:
             per_sample = per_sample * weights
-        return per_sample.mean()
+        return per_sample
 
     def weights(self, t: Any) -> Any | None:
         """min-SNR-γ, v-pred-like scaling and debiased-estimation weights per sample, or None when none is on."""

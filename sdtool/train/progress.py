@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdtool.console import QUIET, LineProgress, live_progress, make_progress, verbosity, warn
+from sdtool.console import QUIET, LineProgress, info, live_progress, make_progress, verbosity, warn
 
 
 def truncate_metrics(path: Path, step: int, last: dict[str, Any] | None = None) -> None:
@@ -46,6 +46,8 @@ class TrainProgress:
     def __init__(self, total: int, done: int):
         self.total, self.done = total, done
         self.started = time.perf_counter()
+        self.validation = ""  # the last validation result, kept on the line
+        self.step_stats = ("", "")
         self.lines: LineProgress | None = None
         self.live = live_progress()
         if self.live:
@@ -64,14 +66,28 @@ class TrainProgress:
     def update(self, record: dict[str, Any]) -> None:
         lrs = " ".join(f"{v:.2e}" for v in record["lr"].values())
         if self.lines is not None:
-            self.lines.update(completed=record["step"], stats=f"loss {record['loss']:.4f}, lr {lrs}")
+            parts = (f"loss {record['loss']:.4f}", self.validation, f"lr {lrs}")
+            self.lines.update(completed=record["step"], stats=", ".join(part for part in parts if part))
             return
         if not self.live:
             return
         steps = record["step"] - self.done
         rate = steps / max(time.perf_counter() - self.started, 1e-9)
-        stats = f"loss {record['loss']:.4f}  lr {lrs}  {rate:.2f} it/s"
-        self.progress.update(self.task, completed=record["step"], stats=stats)
+        self.step_stats = (f"loss {record['loss']:.4f}", f"lr {lrs}  {rate:.2f} it/s")
+        self._show(completed=record["step"])
+
+    def set_validation(self, text: str) -> None:
+        """Show a validation result (e.g. "val 0.1234 (best 0.1200 @ 40)") on the line from now on."""
+        self.validation = text
+        if self.lines is not None:
+            info(f"validation at step {self.lines.done}: {text}")  # a log gets every result, as it comes
+        elif self.live:
+            self._show()
+
+    def _show(self, **fields: Any) -> None:
+        loss, rest = self.step_stats
+        stats = "  ".join(part for part in (loss, self.validation, rest) if part)
+        self.progress.update(self.task, stats=stats, **fields)
 
     def __exit__(self, *exc: Any) -> None:
         if self.lines is not None:

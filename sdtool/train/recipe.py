@@ -34,12 +34,12 @@ from sdtool.train.checkpoints import (
     read_state,
     write_state,
 )
-from sdtool.train.config.checks import block_lrs
+from sdtool.train.config.family_checks import block_lrs
 from sdtool.train.config.schema import ResolvedConfig
 from sdtool.train.dataset import missing_original_sizes, sample_seed
 from sdtool.train.hypernetwork.training import sampling_mode
 from sdtool.train.outputs import EMA_FILE, clean_leftovers, model_path, save_stem, state_path
-from sdtool.train.plan import Plan
+from sdtool.train.plan import Plan, write_run_record
 from sdtool.train.progress import TrainProgress, truncate_metrics
 from sdtool.train.signals import Interrupted, StopRequest, batches, ignore_stop_signals
 from sdtool.train.trackers import init_trackers, log_epoch_loss, log_sample_grid, tracker_options
@@ -127,7 +127,7 @@ class FineTuneRecipe:
 
             memory = encode_missing_latents(self.cfg, self.plan)
         if self.cached:
-            check_cache(self.plan.items, self.plan.subsets, self.plan.vae_fingerprint, memory)
+            check_cache(self.plan.items + self.plan.val_items, self.plan.subsets, self.plan.vae_fingerprint, memory)
 
         model = self._load_model()
         self.model = model
@@ -192,7 +192,8 @@ class FineTuneRecipe:
             power=t.lr_scheduler_power,
         )
 
-        text_outputs = self._cache_text_outputs(encoders) if t.cache_text_encoder_outputs else None
+        self.text_outputs = text_outputs = self._cache_text_outputs(encoders) if t.cache_text_encoder_outputs else None
+        self.latent_memory = memory  # latents cache_latents encoded for this run only (validation reads them too)
         dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached, memory, text_outputs)
         workers = min(t.max_data_loader_n_workers, usable_cpus())
         collate = Collate(family, model.tokenizers, t.max_token_length)
@@ -247,6 +248,11 @@ class FineTuneRecipe:
         self.settled: dict[str, Any] | None = None
         self.after_step_times: dict[str, float] = {}
         self.sample_prompts = self._read_sample_prompts()
+        self.validator = None
+        if self.plan.val_items:
+            from sdtool.train.validation import Validator
+
+            self.validator = Validator(self)
         self.model_identity = model_identity(t.pretrained_model_name_or_path)
         resumed_record = None
         if t.resume is not None:
@@ -261,6 +267,7 @@ class FineTuneRecipe:
             if t.resume is not None:
                 truncate_metrics(metrics, self.state.global_step, resumed_record)
             self.metrics = open(metrics, "a" if t.resume else "w", encoding="utf-8")  # noqa: SIM115 (closed in cleanup)
+            write_run_record(out_dir, self.cfg, self.plan)  # what the run report shows besides the metrics
         if t.log_with is not None:
             init_trackers(acc, self.cfg)
 
@@ -275,7 +282,7 @@ class FineTuneRecipe:
         t, acc = self.t, self.accelerator
         settings = TextSettings(self.family.name, text_encoders_fingerprint(encoders), t.max_token_length, t.clip_skip)
         texts: dict[Path, list[str]] = {}
-        for item in self.plan.items:
+        for item in self.plan.items + self.plan.val_items:
             sub = self.plan.subsets[item.subset]
             texts.setdefault(sub.metadata_file, []).append(item_caption(item, sub))
         store: dict[str, dict[str, Any]] = {}
@@ -315,7 +322,8 @@ class FineTuneRecipe:
         return rates
 
     def _load_model(self) -> Any:
-        from sdtool.models.loading import load_model, load_vae
+        from sdtool.models.loading import load_model
+        from sdtool.models.vae import load_vae
 
         t = self.t
         components: tuple[str, ...] = ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -333,7 +341,7 @@ class FineTuneRecipe:
             model.vae = load_vae(t.vae)
         info(f"model {model.source}: {model.family.title}, {model.prediction_type} prediction")
         if self.cfg.family is None:  # a hub id or a pickled file: its family was not known before it loaded
-            from sdtool.train.config.checks import check_family
+            from sdtool.train.config.family_checks import check_family
 
             problems: list[str] = []
             check_family(t, model.family, self.cfg.datasets, problems)
@@ -381,7 +389,6 @@ class FineTuneRecipe:
         """One micro-batch: latents → noise → U-Net → loss. Returns (loss, the global batch's timesteps)."""
         import torch
 
-        from sdtool.models.families.base import TextConditioning
         from sdtool.text import default_reporter
         from sdtool.train.distributed import noisy_inputs, sample_posterior
 
@@ -397,16 +404,25 @@ class FineTuneRecipe:
                 latents = sample_posterior(dist, generator, shard)
             latents = latents.float() * self.scaling_factor
         noisy, timesteps, target, all_timesteps = noisy_inputs(self.objective, latents, generator, shard)
+        pred = self.predict(batch, noisy, timesteps)
+        # Weighted so that DDP's mean over ranks is the mean over the global batch (1.0 on one process).
+        return self.objective.loss(pred, target, timesteps) * shard.weight, all_timesteps
+
+    def predict(self, batch: dict[str, Any], noisy: Any, timesteps: Any) -> Any:
+        """The U-Net's prediction for a batch's noisy latents: its text conditioning (cached, or encoded, with
+        gradients when the text encoders train) and the family's extra inputs (SDXL's size conditioning)."""
+        import torch
+
+        from sdtool.models.families.base import TextConditioning
+
         with self.accelerator.autocast():
             if "hidden" in batch:  # computed once before the first step (cache_text_encoder_outputs)
                 conditioning = TextConditioning(batch["hidden"], batch.get("pooled"))
             else:
-                with torch.set_grad_enabled(self.train_text):
+                with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
                     conditioning = self.family.encode_ids(self.text_encoders, batch["input_ids"], self.t.clip_skip)
             inputs = self.family.unet_inputs(conditioning.to(self.unet_dtype), batch["time_ids"])
-            pred = self.unet(noisy.to(self.unet_dtype), timesteps, **inputs).sample
-        # Weighted so that DDP's mean over ranks is the mean over the global batch (1.0 on one process).
-        return self.objective.loss(pred, target, timesteps) * shard.weight, all_timesteps
+            return self.unet(noisy.to(self.unet_dtype), timesteps, **inputs).sample
 
     def train(self) -> None:
         """Run optimizer steps until the planned total: metrics, periodic saves, samples and a graceful stop."""
@@ -416,6 +432,8 @@ class FineTuneRecipe:
         if state.global_step >= total:
             warn(f"the state is already at step {state.global_step} of {total}; nothing left to train")
         with TrainProgress(total, state.global_step) as self.progress:
+            if self.validator is not None:
+                self.validator.at_start(self)
             while state.global_step < total:
                 self.plan.sampler.set_position(state.epoch, state.batch_in_epoch)
                 micro, loss_sum, t_sum, step_start = 0, 0.0, 0.0, time.perf_counter()
@@ -471,6 +489,8 @@ class FineTuneRecipe:
                     self._rewind_micro_batches(micro)
                     self._stop(stop.signal_name)
             self._write_metrics()
+            if self.validator is not None:
+                self.validator.at_end(self)
 
     def _rewind_micro_batches(self, micro: int) -> None:
         """Forget `micro` micro-batches accumulated since the last optimizer step (their gradients and position)."""
@@ -508,6 +528,8 @@ class FineTuneRecipe:
         """
         t, state, total = self.t, self.state, self.plan.total_steps
         step, epoch = state.global_step, state.epoch
+        if self.validator is not None:  # first, so a save_best model is written before the periodic saves
+            self.validator.after_step(self, epoch_end)  # its own line in metrics.jsonl has its time (val_seconds)
         with self._timed("save_seconds"):
             if t.save_every_n_steps and step % t.save_every_n_steps == 0 and step < total:
                 self._save_periodic("step", step, t.save_every_n_steps)
@@ -695,6 +717,7 @@ class FineTuneRecipe:
             "total_steps": self.plan.total_steps,
             "num_processes": self.accelerator.num_processes,
             "ema": self.ema is not None,
+            "validation": self.validator.state_dict() if self.validator is not None else None,
             "torch": torch.__version__,
             "model_family": self.model.family.name,
             "config": self._config_record(),
@@ -760,6 +783,8 @@ class FineTuneRecipe:
                 f"state, from step {self.state.global_step + 1} on"
             )
         self.epoch_loss = [float(saved["epoch_loss"][0]), int(saved["epoch_loss"][1])]
+        if self.validator is not None and saved.get("validation"):
+            self.validator.load_state_dict(saved["validation"])  # the best so far, for save_best
         info(
             f"resumed from {path} at step {self.state.global_step} of {self.plan.total_steps} "
             f"(epoch {self.state.epoch + 1})"
@@ -844,6 +869,10 @@ class FineTuneRecipe:
         out = self.save_model(self.cfg.output_path)
         if self.t.save_state or self.t.save_state_on_train_end:
             self.save_state(state_path(self.t, self.t.output_name))
+        if self.accelerator.is_main_process:
+            from sdtool.report import write_report_after_training
+
+            write_report_after_training(Path(self.t.output_dir))
         return out
 
     def close(self) -> None:
@@ -858,7 +887,7 @@ class FineTuneRecipe:
             self.accelerator.end_training()
 
     def _load_vae_for_saving(self) -> Any:
-        from sdtool.models.loading import load_vae
+        from sdtool.models.vae import load_vae
 
         return load_vae(self.t.vae or self.t.pretrained_model_name_or_path)
 

@@ -150,7 +150,8 @@ def test_error_is_one_line_without_traceback_and_with_it_under_debug(tmp_path):
 def test_cli_import_does_not_pull_heavy_packages():
     code = (
         "import sys, sdtool.cli, sdtool.console, sdtool.errors, sdtool.images;"
-        "heavy=[m for m in ('torch','diffusers','transformers','accelerate','onnxruntime') if m in sys.modules];"
+        "heavy=[m for m in ('torch','diffusers','transformers','accelerate','onnxruntime','matplotlib')"
+        " if m in sys.modules];"
         "print(','.join(heavy))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)

@@ -102,6 +102,7 @@ def test_an_empty_folder_is_a_usage_error_with_a_hint(cli, tmp_path, name, posit
         "metadata file": "not the metadata JSON",
         "config file": "not a training config",
         "model": "not a diffusers model",
+        "training output": "not the output folder of a training run",
     }
     assert hints[kind] in result.stderr, result.stderr
 
@@ -122,6 +123,7 @@ def test_a_path_of_the_wrong_kind_is_a_usage_error_naming_the_right_input(cli, t
             "metadata file": "it holds meta.json",
             "config file": "it holds config.toml",
             "model": "expected a .safetensors/.ckpt file, a diffusers folder",
+            "training output": "not the output folder of a training run",
         }[kind]
     result = cli(*_argv(name, tmp_path, position, wrong))
     assert result.exit_code == 2, result.output

@@ -52,8 +52,11 @@ def test_demo_runs_every_step_of_the_readme_workflow(tmp_path):
     assert all(e["caption"] and "tags" in e and "train_resolution" in e for e in metadata.values())
     assert len({tuple(e["train_resolution"]) for e in metadata.values()}) == 5  # every bucket of the demo's list
     assert len(list((root / "meta.latents").glob("*.safetensors"))) == 16
-    lines = (root / "output" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 30
+    lines = [json.loads(line) for line in (root / "output" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 10, 20, 30]  # 4 held-out images, every 10 steps
+    assert (root / "output" / "report.html").is_file()
+    assert (root / "output" / "demo.safetensors").is_file()
     assert (root / "demo-diffusers" / "model_index.json").is_file()
     assert len(list((root / "output" / "sample").glob("*_grid.png"))) == 3
     assert Image.open(root / "sample.png").size == (128, 128)
@@ -164,12 +167,14 @@ def test_the_sdxl_demo_trains_a_tiny_sdxl_model_on_cached_text_encoder_outputs(t
     config = (root / "config.toml").read_text()
     assert "cache_text_encoder_outputs = true" in config and "shuffle_caption" not in config.split("#", 1)[0]
     assert list((root / "meta.text").rglob("*.safetensors"))  # the outputs training read, on disk
-    assert len((root / "output" / "metrics.jsonl").read_text().splitlines()) == 30
+    lines = [json.loads(line) for line in (root / "output" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 10, 20, 30]  # held-out images, on cached text too
     index = json.loads((root / "demo-diffusers" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline" and "text_encoder_2" in index
     assert Image.open(root / "sample.png").size == (128, 128)
 
-    from sdtool.demo.run import MARKER, SDXL_OUTPUTS
+    from sdtool.demo.run import DEMO_MODELS, MARKER, OUTPUTS
 
     top = {p.name for p in root.iterdir()} - {MARKER}
-    assert top == {path.split("/")[0] for path in SDXL_OUTPUTS.values()}
+    assert top == {path.split("/")[0] for path in {**OUTPUTS, **DEMO_MODELS["sdxl"].extra_outputs}.values()}

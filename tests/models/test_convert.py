@@ -7,7 +7,8 @@ import torch
 
 from sdtool.models.checkpoint import read_checkpoint
 from sdtool.models.convert import target_format
-from sdtool.models.loading import load_model, load_vae
+from sdtool.models.loading import load_model
+from sdtool.models.vae import load_vae
 from tests.models.conftest import assert_same_weights
 
 PARTS = ("unet", "vae", "text_encoder")

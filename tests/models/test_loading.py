@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from sdtool.errors import ModelError, UsageError
-from sdtool.models.loading import load_model, load_vae
+from sdtool.models.loading import load_model
+from sdtool.models.vae import load_vae
 
 
 def test_v1_detected(tiny_v1):

@@ -9,8 +9,9 @@ from sdtool.errors import ModelError, UnsafeCheckpointError, UsageError
 from sdtool.models.checkpoint import read_checkpoint
 from sdtool.models.families.sd1 import SD1
 from sdtool.models.families.sd2 import SD2
-from sdtool.models.loading import load_model, load_vae
+from sdtool.models.loading import load_model
 from sdtool.models.saving import save_diffusers, save_single_file
+from sdtool.models.vae import load_vae
 from tests.models.conftest import assert_same_weights
 
 PARTS = ("unet", "vae", "text_encoder")

@@ -42,6 +42,15 @@ def make_dataset(root: Path, n: int = 6, relative: bool = True) -> tuple[Path, P
     return images, meta_path
 
 
+# Written by every run for its report (tests/report checks them); left out where a test lists a run's outputs.
+REPORT_FILES = {"run.json", "report.html", "report-loss.png"}
+
+
+def run_outputs(folder: Path) -> list[str]:
+    """The names in a run's output folder, without the run report's files."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in REPORT_FILES)
+
+
 def write_config(path: Path, text: str) -> Path:
     """Write a config's text (UTF-8) and return its path."""
     path.write_text(text, encoding="utf-8")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdtool.train.hypernetwork.attention import apply_hypernetwork, context_widths, remove_hypernetwork
 from sdtool.train.hypernetwork.network import Hypernetwork
-from tests.train.conftest import write_config, write_train_config
+from tests.train.conftest import run_outputs, write_config, write_train_config
 
 CONFIG = """
 pretrained_model_name_or_path = "{model}"
@@ -117,7 +117,7 @@ def test_hypernetwork_trains_on_a_frozen_model_and_writes_an_a1111_file(tmp_path
     assert out == out_dir / "m.pt"
 
     # Only hypernetwork files come out: no full model in any format.
-    produced = {p.name for p in out_dir.iterdir()}
+    produced = set(run_outputs(out_dir))
     assert produced == {"m.pt", "metrics.jsonl", "sample"} | {f"m-step{s:08d}.pt" for s in range(1, 30)}
     assert sorted(p.name for p in (out_dir / "sample").glob("*.png"))  # rendered with the hypernetwork applied
 
@@ -255,7 +255,7 @@ def test_two_gloo_processes_train_one_hypernetwork(tmp_path, tiny_v1):
     result = _torchrun("train", two, env={"SDTOOL_RANK_DIGESTS": str(digests)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(tmp_path / "two" / "m.pt")
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["m.pt", "metrics.jsonl"]
+    assert run_outputs(tmp_path / "two") == ["m.pt", "metrics.jsonl"]
     # DDP synchronised the hypernetwork: both ranks end bit-identical (the wrapper's only weights are the MLPs).
     ranks = [json.loads((digests / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT
-from tests.train.conftest import write_train_config
+from tests.train.conftest import run_outputs, write_train_config
 
 CONFIG = """
 pretrained_model_name_or_path = "{model}"
@@ -127,7 +127,7 @@ def test_periodic_saves_are_named_like_kohya_and_pruned(cli, tmp_path, tiny_v1):
     )
     result = cli("train", config(tmp_path, tiny_v1, "out", 24, extra))
     assert result.exit_code == 0, result.stderr
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    names = run_outputs(tmp_path / "out")
     # steps: 8 and 16 were saved (24 is the final save); keeping the last 8 steps drops step 8.
     # epochs (2 steps each, 12 in all): 4 and 8 were saved (12 is the final); keep the last 2 models, 1 state.
     assert names == [

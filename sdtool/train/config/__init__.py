@@ -21,8 +21,9 @@ from pydantic import ValidationError
 
 from sdtool.errors import ConfigError
 from sdtool.models.families.base import ModelFamily
-from sdtool.train.config.checks import check_family, check_outputs_apart, check_train
+from sdtool.train.config.checks import check_outputs_apart, check_train, check_validation
 from sdtool.train.config.datasets import read_dataset_tables, resolve_datasets
+from sdtool.train.config.family_checks import check_family
 from sdtool.train.config.files import check_keys, flatten, format_validation, parse_override, read_toml
 from sdtool.train.config.kohya_keys import drop_zero_offs
 from sdtool.train.config.schema import TOP_KEYS, ResolvedConfig, TrainConfig
@@ -59,6 +60,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Resolve
         check_train(train, base, problems)
         check_family(train, family, specs, problems)
         check_outputs_apart(train, specs, problems)
+        check_validation(train, specs, problems)
     if problems:
         raise ConfigError(problems, hint=f"fix {path}")
     assert train is not None

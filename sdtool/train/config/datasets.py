@@ -120,7 +120,14 @@ def resolve_datasets(
             max_bucket_reso=pick("max_bucket_reso", *levels),
             bucket_reso_steps=pick("bucket_reso_steps", *levels),
             bucket_no_upscale=pick("bucket_no_upscale", *levels),
+            validation=_validation_flag(ds.get("validation", False), where, problems),
+            validation_split=pick("validation_split", *levels),
+            validation_seed=pick("validation_seed", *levels),
         )
+        if spec.validation and ds_keys.get("validation_split"):
+            problems.append(
+                f"{where}validation_split: a dataset with validation = true is all validation images; remove one"
+            )
         if (
             isinstance(spec.min_bucket_reso, int)
             and isinstance(spec.max_bucket_reso, int)
@@ -136,6 +143,8 @@ def resolve_datasets(
             check_keys(sub, SUBSET_KEYS, swhere, problems, _NOT_IN_SUBSET)
             validate_level(SubsetLevel, {k: v for k, v in sub.items() if k in SUBSET_KEYS}, swhere, problems)
             options = {k: pick(k, sub, *levels) for k in CaptionOptions.model_fields}
+            if spec.validation:
+                _validation_options(options, (sub, ds_keys), swhere, problems)
             meta = sub.get("metadata_file")
             if not isinstance(meta, str):
                 if meta is None:
@@ -155,6 +164,39 @@ def resolve_datasets(
             spec.subsets.append(SubsetSpec(image_dir=image_path, metadata_file=meta_path, options=options))
         specs.append(spec)
     return specs
+
+
+def _validation_flag(value: Any, where: str, problems: list[str]) -> bool:
+    if not isinstance(value, bool):
+        problems.append(f"{where}validation: expected true or false (got {value!r})")
+        return False
+    return value
+
+
+# Keys that make training data vary from step to step; validation is deterministic, so a validation dataset
+# (`validation = true`) uses each image once, unflipped, with its fixed caption.
+_VARYING_KEYS = (
+    "num_repeats",
+    "shuffle_caption",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "flip_aug",
+)
+
+
+def _validation_options(
+    options: dict[str, Any], own_levels: tuple[dict[str, Any], ...], where: str, problems: list[str]
+) -> None:
+    """A validation dataset's subset options: a varying key set on the dataset or subset itself is refused (it
+    would be ignored); one inherited from [general] or the top level applies to the training data only."""
+    for key in _VARYING_KEYS:
+        if any(level.get(key) not in (None, DATASET_DEFAULTS[key]) for level in own_levels):
+            problems.append(
+                f"{where}{key}: has no effect on a validation dataset (each image is used once, unflipped, with its "
+                "fixed caption); remove it"
+            )
+        options[key] = DATASET_DEFAULTS[key]
 
 
 # A key that exists at another dataset level deserves a better message than "unknown".

@@ -93,8 +93,6 @@ UNSUPPORTED_KEYS: dict[str, str] = {
     "console_log_file": "use shell redirection of stderr",
     "console_log_simple": "use sdtool -v / -q",
     "network_multiplier": _NO_EFFECT,
-    "validation_seed": "FineTuningDataset ignores validation splits; not implemented",
-    "validation_split": "FineTuningDataset ignores validation splits; not implemented",
     "custom_attributes": _NO_EFFECT,
     "class_tokens": "DreamBooth-only in kohya",
     "is_reg": "DreamBooth-only in kohya",

@@ -97,19 +97,25 @@ class BucketOptions(_Strict):
     bucket_no_upscale: bool | None = None
 
 
+# kohya's dataset-level validation keys: which images of each subset are held out of training (§O, validation.py).
+class ValidationOptions(_Strict):
+    validation_split: float | None = Field(None, ge=0, lt=1)
+    validation_seed: int | None = Field(None, ge=0)
+
+
 class SubsetLevel(CaptionOptions):
     image_dir: str | None = None
     metadata_file: str | None = None
 
 
-class GeneralLevel(CaptionOptions, BucketOptions):
+class GeneralLevel(CaptionOptions, BucketOptions, ValidationOptions):
     pass
 
 
 SUBSET_KEYS = set(SubsetLevel.model_fields)
 
 
-DATASET_KEYS = set(GeneralLevel.model_fields) | {"subsets"}
+DATASET_KEYS = set(GeneralLevel.model_fields) | {"subsets", "validation"}  # validation: sdtool's own key
 
 
 GENERAL_KEYS = set(GeneralLevel.model_fields)
@@ -138,6 +144,8 @@ DATASET_DEFAULTS: dict[str, Any] = {
     "max_bucket_reso": 1024,
     "bucket_reso_steps": 64,
     "bucket_no_upscale": False,
+    "validation_split": 0.0,
+    "validation_seed": None,  # the run's seed (kohya's fall-back)
 }
 
 
@@ -145,7 +153,7 @@ DATASET_DEFAULTS: dict[str, Any] = {
 ARG_TO_DATASET_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
 
 
-class TrainConfig(CaptionOptions, BucketOptions):
+class TrainConfig(CaptionOptions, BucketOptions, ValidationOptions):
     """Every top-level key, with kohya's names. Dataset keys here are fall-backs for the dataset tables."""
 
     # model
@@ -265,6 +273,13 @@ class TrainConfig(CaptionOptions, BucketOptions):
     sample_every_n_epochs: int | None = Field(None, ge=1)
     sample_at_first: bool = False
     sample_sampler: str = "ddim"
+    # validation loss (CONTRACT §O; kohya's train_network.py names): when, at which timesteps, which weights, and
+    # whether to keep the best model (see sdtool/train/validation.py)
+    validate_every_n_steps: int | None = Field(None, ge=1)
+    validate_every_n_epochs: int | None = Field(None, ge=1)
+    validation_timesteps: int | list[int] = 4
+    validation_weights: Literal["ema", "raw", "both"] | None = None
+    save_best: bool = False
     # logging
     logging_dir: str | None = None
     log_with: Literal["tensorboard", "wandb", "all"] | None = None
@@ -308,6 +323,9 @@ class DatasetSpec:
     bucket_reso_steps: int
     bucket_no_upscale: bool
     subsets: list[SubsetSpec] = field(default_factory=list)
+    validation: bool = False  # every image is a validation image (`validation = true`)
+    validation_split: float = 0.0  # else this fraction of each subset (round(n × split) images) is held out
+    validation_seed: int | None = None  # which ones: a hash of (seed, image path); None: the run's seed
 
 
 @dataclass
@@ -348,10 +366,23 @@ class ResolvedConfig:
                     "max_bucket_reso": ds.max_bucket_reso,
                     "bucket_reso_steps": ds.bucket_reso_steps,
                     "bucket_no_upscale": ds.bucket_no_upscale,
+                    **_validation_keys(ds),
                     "subsets": subsets,
                 }
             )
         return dump_toml({**flat, "datasets": datasets})
+
+
+def _validation_keys(ds: DatasetSpec) -> dict[str, Any]:
+    """A dataset's validation keys when they are set (a config without validation prints as it always did)."""
+    keys: dict[str, Any] = {}
+    if ds.validation:
+        keys["validation"] = True
+    if ds.validation_split:
+        keys["validation_split"] = ds.validation_split
+    if ds.validation_seed is not None and (ds.validation or ds.validation_split):
+        keys["validation_seed"] = ds.validation_seed
+    return keys
 
 
 # Dataset fall-backs and old-form keys are folded into the printed [[datasets]]; printing them again would be noise.
