@@ -60,10 +60,6 @@ max_data_loader_n_workers = 0
 validation_split = 0.25         # 4 of the 16 images are held out: never trained on, measured at fixed noise
 validate_every_n_steps = {sample_every}
 
-[validation_arguments]
-validation_split = 0.25         # 4 of the 16 images are held out: never trained on, measured at fixed noise
-validate_every_n_steps = {sample_every}
-
 [sample_arguments]
 sample_prompts = "prompts.txt"
 sample_every_n_steps = {sample_every}
