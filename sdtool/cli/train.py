@@ -93,8 +93,12 @@ def command(
             )
             ok = len(plan.items) - len(missing) - len(stale)
             info(f"cached latents: {ok} ok, {len(missing)} missing, {len(stale)} stale")
-        memory = estimate_memory(cfg)
-        info("memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
+        try:
+            lines = estimate_memory(cfg, plan.processes).lines()
+        except (OSError, ValueError) as exc:
+            lines = [f"memory estimate: not available ({exc})"]
+        for line in lines:
+            info(line)
         info("dry run: nothing trained")
         return
     out = FineTuneRecipe(cfg, plan).run()
