@@ -192,21 +192,22 @@ def make_inputs(config: dict[str, Any], batch: int, latent: int, device: Any, fa
 
 
 def count_forward_flops(unet: Any, inputs: dict[str, Any], precision: str) -> int:
-    """FLOPs of one forward pass on `inputs`, counted by FlopCounterMode (attention via SDPA's math path)."""
+    """FLOPs of one forward pass on `inputs`, counted by FlopCounterMode (attention via SDPA's math path).
+
+    Works on the meta device too (fp32 only): a full-size U-Net is counted without memory or compute.
+    """
+    import contextlib
+
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     amp = _amp_dtype(precision)
     device_type = inputs["sample"].device.type
+    autocast = torch.autocast(device_type, dtype=amp) if amp is not None else contextlib.nullcontext()
     # The fused SDPA kernels are only counted on CUDA; the math path is plain matmuls, counted everywhere, and
     # does the same multiply-adds.
-    with (
-        torch.no_grad(),
-        sdpa_kernel(SDPBackend.MATH),
-        torch.autocast(device_type, dtype=amp, enabled=amp is not None),
-        FlopCounterMode(display=False) as counter,
-    ):
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), autocast, FlopCounterMode(display=False) as counter:
         unet(inputs["sample"], inputs["timestep"], **inputs["cond"])
     return int(counter.get_total_flops())
 
@@ -426,7 +427,11 @@ def run(
 
 
 def cpu_smoke(
-    config: dict[str, Any] | None = None, batch: int = 1, latent: int = 8, models: tuple[str, ...] = ("sd15", "sdxl")
+    config: dict[str, Any] | None = None,
+    batch: int = 1,
+    latent: int = 8,
+    models: tuple[str, ...] = ("sd15", "sdxl"),
+    sdxl_optimizers: tuple[str, ...] = ("adafactor-fused", "adamw8bit"),
 ) -> list[BenchResult]:
     """Tiny training steps on CPU (bf16 autocast): an SD-shaped U-Net with AdamW8bit, and the tiny SDXL U-Net with
     fused Adafactor and with AdamW8bit. They exercise the script; their numbers mean nothing."""
@@ -437,7 +442,7 @@ def cpu_smoke(
         m = measure(config or tiny_unet_config(), batch, latent, "bf16", "cpu", steps=1, warmup=0)
         rows.append(to_result("unet tiny (CPU smoke)", m))
     if "sdxl" in models:
-        for opt in ("adafactor-fused", "adamw8bit"):
+        for opt in sdxl_optimizers:
             m = measure(tiny_sdxl_unet_config(), batch, latent, "bf16", "cpu", 1, 0, opt, True, SDXL)
             rows.append(to_result(f"unet tiny sdxl {opt} (CPU smoke)", m, sdxl_target(batch, opt)))
     return rows

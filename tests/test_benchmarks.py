@@ -159,6 +159,27 @@ def test_sdxl_forward_flops_include_the_added_conditioning():
     assert flops - b.count_forward_flops(plain, plain_inputs, "fp32") == expected
 
 
+@pytest.mark.slow
+def test_full_size_sdxl_forward_flops_match_the_independent_count():
+    """The real SDXL U-Net at 1024² on the meta device (nothing allocated): the counter and the hook tally agree,
+    and the forward costs about 2.6× SD1.5's per pixel (8.4× the FLOPs on 4× the pixels)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from benchmarks import bench_unet_gpu as b
+
+    counts = {}
+    for spec in (b.sd15_spec(), b.sdxl_spec()):
+        with init_empty_weights():
+            unet = UNet2DConditionModel(**spec.config)
+        unet.set_attn_processor(AttnProcessor2_0())
+        inputs = b.make_inputs(spec.config, 1, spec.latent, "meta", spec.family)
+        counts[spec.name] = b.count_forward_flops(unet.eval(), inputs, "fp32")
+        assert counts[spec.name] == _oracle_flops(unet, inputs)
+    assert 8.0 < counts["sdxl 1024²"] / counts["sd1.5 512²"] < 9.0
+
+
 def test_cpu_smoke_step_and_reporting():
     from benchmarks import bench_unet_gpu as b
 
@@ -196,13 +217,13 @@ def test_peak_table_and_cuda_skip():
 
 
 def test_sdxl_cpu_smoke_and_target_rows():
-    """The tiny SDXL step with fused Adafactor and with AdamW8bit; the targets are judged only where measured."""
+    """The tiny SDXL step with fused Adafactor (AdamW8bit's path is the SD1 smoke test's; bitsandbytes is slow on
+    CPU); the targets are judged only where measured."""
     from benchmarks import bench_unet_gpu as b
 
-    fused, adamw = b.cpu_smoke(models=("sdxl",))
-    assert fused.extra["optimizer"] == "adafactor-fused" and adamw.extra["optimizer"] == "adamw8bit"
-    for row in (fused, adamw):
-        assert row.ours > 0 and row.extra["forward_gflops_per_image"] > 0 and row.extra["checkpointing"]
+    (fused,) = b.cpu_smoke(models=("sdxl",), sdxl_optimizers=("adafactor-fused",))
+    assert fused.extra["optimizer"] == "adafactor-fused" and fused.extra["checkpointing"]
+    assert fused.ours > 0 and fused.extra["forward_gflops_per_image"] > 0
     assert fused.target == "peak VRAM ≤ 20 GB" and fused.met is None and fused.ratio is None  # no CUDA: no VRAM
     # The target is in GB (10^9 bytes): 18 GiB reserved (19.3 GB) fits, 19 GiB (20.4 GB) does not.
     fits = b.to_result("x", dict(fused.extra, peak_vram_gib=15.0, peak_reserved_gib=18.0), "peak VRAM ≤ 20 GB")
