@@ -147,7 +147,9 @@ SD1_KEYS = "max_token_length = 225\nclip_skip = 2\ncache_latents = false\n"
 SDXL_KEYS = "cache_latents = true\n"
 
 
-def sdtool_run(root: Path, model_dir: Path, meta_path: Path, steps: int, batch: int, extra: str = "") -> list[float]:
+def sdtool_run(
+    root: Path, model_dir: Path, meta_path: Path, steps: int, batch: int, extra: str = "", workers: int = 1
+) -> list[float]:
     from accelerate.state import AcceleratorState
 
     from sdtool.train.config import load_config
@@ -165,7 +167,7 @@ max_train_steps = {steps}
 optimizer_type = "AdamW"
 learning_rate = 1e-4
 seed = 0
-max_data_loader_n_workers = 1
+max_data_loader_n_workers = {workers}
 persistent_data_loader_workers = true
 {extra}
 [[datasets]]
@@ -207,9 +209,16 @@ def cache_latents(model_dir: Path, meta_path: Path, images: Path) -> Path:
 
 
 def measure(
-    steps: int = FULL_STEPS, batch: int = 4, threads: int = 1, ema: bool = False, model: str = "v1"
+    steps: int = FULL_STEPS,
+    batch: int = 4,
+    threads: int = 1,
+    ema: bool = False,
+    model: str = "v1",
+    rounds: int = 1,
+    workers: int = 1,
 ) -> dict[str, float]:
-    """Median step seconds of the plain loop (run before and after sdtool, pooled) and of `sdtool train`."""
+    """Median step seconds of the plain loop and of `sdtool train`, run in turn: plain, then `rounds` times sdtool
+    and plain again (all runs of each pooled), so that a machine whose load drifts weighs on both alike."""
     import torch
 
     from sdtool.models.tiny import save_tiny_model
@@ -240,16 +249,19 @@ def measure(
                 return plain_loop(model_dir, meta_path, steps + warm, batch)[warm:]
 
             cache_dir = cache_latents(model_dir, meta_path, images) if model == "sdxl" else root
-            plain_a = plain()
-            ours = sdtool_run(root, model_dir, meta_path, steps + warm, batch, extra)[warm:]
-            plain_b = plain()
+            reference, ours = plain(), []
+            for _ in range(rounds):
+                ours += sdtool_run(root, model_dir, meta_path, steps + warm, batch, extra, workers)[warm:]
+                reference += plain()
     finally:
         torch.set_num_threads(previous_threads)
     return {
         "steps": steps,
         "batch": batch,
         "threads": threads,
-        "plain_s": statistics.median(plain_a + plain_b),
+        "rounds": rounds,
+        "workers": workers,
+        "plain_s": statistics.median(reference),
         "sdtool_s": statistics.median(ours),
     }
 
@@ -267,6 +279,10 @@ def to_result(m: dict[str, float], ema: bool = False, model: str = "v1") -> Benc
         work = "tiny SD-v1 model, {steps} steps, batch {batch}, 64x64, 225 tokens, clip_skip 2, AdamW"
         work += ", uncached latents"
     note = work.format(steps=int(m["steps"]), batch=int(m["batch"])) + f", {threads}"
+    if m.get("rounds", 1) > 1:
+        note += f", {int(m['rounds'])} rounds"
+    workers = int(m.get("workers", 1))
+    note += f", sdtool with {workers} data-loader worker{'s' if workers != 1 else ''}"
     return BenchResult(
         name=name,
         ours=m["sdtool_s"],
@@ -293,10 +309,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both loops")
     parser.add_argument("--ema", action="store_true", help="sdtool keeps an EMA of the U-Net (use_ema = true)")
+    parser.add_argument("--rounds", type=int, default=1, help="sdtool runs, each followed by a plain run")
+    parser.add_argument("--workers", type=int, default=1, help="sdtool's max_data_loader_n_workers")
     args = parser.parse_args()
 
     for model in MODELS if args.model == "both" else (args.model,):
-        m = measure(args.steps, args.batch, args.threads, args.ema, model)
+        m = measure(args.steps, args.batch, args.threads, args.ema, model, args.rounds, args.workers)
         plain, mine = m["plain_s"], m["sdtool_s"]
         row = to_result(m, args.ema, model)
         print(f"{model}: {row.note}")

@@ -276,3 +276,7 @@ def test_cache_and_train_rows_keep_their_targets():
     assert bench_cache.to_results(m, (768, 512), (448, 320))[2].met is False
     row = bench_train.to_result({"steps": 8, "batch": 4, "threads": 1, "plain_s": 0.2, "sdtool_s": 0.21})
     assert row.name.startswith("train") and math.isclose(row.ratio, 1.05) and row.met is False
+    m = {"steps": 8, "batch": 4, "threads": 1, "rounds": 2, "workers": 0, "plain_s": 0.2, "sdtool_s": 0.19}
+    xl = bench_train.to_result(m, model="sdxl")
+    assert xl.name.startswith("train sdxl") and xl.met is True and xl.target == "time ratio ≤ 1.00"
+    assert "tiny SDXL" in xl.note and "cached latents" in xl.note and "0 data-loader workers" in xl.note
