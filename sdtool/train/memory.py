@@ -153,7 +153,9 @@ def _unet_rows(cfg: ResolvedConfig, models: _Models, est: MemoryEstimate, half: 
         trained = list(_meta_hypernetwork(cfg, models.unet).parameters())
         est.trained["hypernetwork"] = _numel(trained)
         est.rows.append(MemoryRow("U-Net", n * half, f"{_m(n)} weights, {_dtype(half, t)}, frozen"))
-        est.rows.append(MemoryRow("hypernetwork", est.trained["hypernetwork"] * master, _dtype(master, t)))
+        n_hyper = est.trained["hypernetwork"]
+        how = f"{_m(n_hyper)} weights, {_dtype(master, t)}, trained"
+        est.rows.append(MemoryRow("hypernetwork", n_hyper * master, how))
         return trained
     models.unet.requires_grad_(True)
     groups, _ = unet_param_groups(models.unet, t.learning_rate, block_lrs(t.block_lr, models.family.block_lr_blocks))
