@@ -148,8 +148,8 @@ def build_unet(config: dict[str, Any], device: Any, checkpointing: bool = True) 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     torch.manual_seed(0)
-    unet: Any = UNet2DConditionModel(**config)
-    unet = unet.to(device)
+    with torch.device(device):  # initialised where it runs: SDXL's 2.6 B weights take minutes to fill on a CPU
+        unet: Any = UNet2DConditionModel(**config)
     unet.set_attn_processor(AttnProcessor2_0())
     if checkpointing:
         unet.enable_gradient_checkpointing()
