@@ -87,16 +87,65 @@ class ShardedDataset:
 
 
 class ShardedCollate:
-    """The base collate, plus `batch["shard"]`."""
+    """The base collate, plus `batch["shard"]`; in a DataLoader worker, small tensors travel by value."""
 
     def __init__(self, base: Any):
         self.base = base
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch.utils.data
+
         shard = samples[0]["shard"]
         batch = self.base([{k: v for k, v in s.items() if k != "shard"} for s in samples])
         batch["shard"] = shard
+        if torch.utils.data.get_worker_info() is not None:
+            batch = by_value(batch)
         return batch
+
+
+# Below this size a tensor goes from a DataLoader worker to the training process as bytes through the pipe. Above
+# it, shared memory is cheaper than the copy.
+BY_VALUE_BYTES = 1 << 20
+
+
+class _TensorByValue:
+    """A small tensor that a worker pickles as its bytes; it unpickles as a plain tensor.
+
+    PyTorch hands every tensor from a worker over in shared memory, and the receiving process then fetches each
+    tensor's file descriptor from the worker, a round trip per tensor. The training process blocks on it, which
+    on a busy CPU costs a scheduling delay each time (cached latents, token ids and size numbers are a few
+    kilobytes: the round trips cost more than the data).
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, tensor: Any):
+        self.array = tensor.numpy()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        import torch
+
+        return torch.from_numpy, (self.array,)
+
+
+def by_value(value: Any) -> Any:
+    """`value` (a batch: dicts, lists and tuples of tensors and plain values) with every small CPU tensor of a
+    dtype NumPy has wrapped to travel by value."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        small = value.numel() * value.element_size() < BY_VALUE_BYTES
+        if small and value.device.type == "cpu" and not value.requires_grad:
+            try:
+                return _TensorByValue(value)
+            except TypeError:  # a dtype NumPy lacks (bfloat16, float8): shared memory then
+                return value
+        return value
+    if isinstance(value, dict):
+        return {k: by_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(by_value(v) for v in value)
+    return value
 
 
 def make_loader(
