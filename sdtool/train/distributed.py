@@ -161,20 +161,26 @@ def make_loader(
     """accelerate's DataLoaderShard over this rank's slices (device placement, end-of-epoch accumulation flush).
 
     Built directly rather than through `accelerator.prepare`, whose sharding hands whole batches to ranks round
-    robin: ranks would train on different buckets and the global batch would not be one bucket's batch.
+    robin: ranks would train on different buckets and the global batch would not be one bucket's batch. Its
+    DataLoader makes one pass over all epochs (`epochs.EpochView`), so the workers load across epoch ends.
     """
     from accelerate.data_loader import DataLoaderShard
 
-    return DataLoaderShard(
+    from sdtool.train.epochs import EpochSpanningSampler, EpochView
+
+    spanning = EpochSpanningSampler(sampler)
+    loader = DataLoaderShard(
         ShardedDataset(dataset),
         device=accelerator.device,
-        batch_sampler=ShardedBatchSampler(sampler, accelerator.process_index, accelerator.num_processes),
+        batch_sampler=ShardedBatchSampler(spanning, accelerator.process_index, accelerator.num_processes),
         num_workers=workers,
         collate_fn=ShardedCollate(collate),
         persistent_workers=persistent,
         pin_memory=pin_memory,
         worker_init_fn=worker_init_fn,
     )
+    loader.base_dataloader = EpochView(loader.base_dataloader, sampler)
+    return loader
 
 
 def accelerator_options(train_text_encoder: bool, clip_skip: int | None) -> dict[str, Any]:
