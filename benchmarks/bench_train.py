@@ -12,7 +12,7 @@ gradient clipping at 1.0 and torch thread count:
   forward/backward with `added_cond_kwargs`, AdamW.
 
 Prints the ratio sdtool / plain (≤ 1.0 means no overhead).
-Usage: python benchmarks/bench_train.py [--model v1|sdxl|both] [--steps 30] [--batch 4]
+Usage: python benchmarks/bench_train.py [--model v1|sdxl|both] [--steps 30] [--batch 4] [--rounds 2] [--workers 1]
 
 `run(quick)` is what `benchmarks/run_all.py` calls; it returns each model's median step times and their ratio as
 a `BenchResult` (target ≤ 1.00).
