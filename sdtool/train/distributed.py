@@ -123,9 +123,14 @@ class _TensorByValue:
         self.array = tensor.numpy()
 
     def __reduce__(self) -> tuple[Any, tuple[Any]]:
-        import torch
+        return _tensor_from_array, (self.array,)
 
-        return torch.from_numpy, (self.array,)
+
+def _tensor_from_array(array: Any) -> Any:
+    """The tensor of an array a worker sent (copied if the unpickled buffer is read-only)."""
+    import torch
+
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
 def by_value(value: Any) -> Any:
