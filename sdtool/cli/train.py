@@ -142,13 +142,13 @@ def command(
             for item, why in plan.to_encode:
                 debug(escape(f"  to encode: {item.image} ({why})"))
         try:
-            memory = estimate_memory(cfg)
+            lines = estimate_memory(cfg, plan.processes).lines()
         except SdtoolError as exc:  # a hub model that is not cached and cannot be fetched
-            warn(f"no memory estimate: {exc.one_line()}")
-        except (OSError, ValueError) as exc:  # e.g. a single-file model: the estimate reads diffusers configs
-            warn(f"no memory estimate: {' '.join(str(exc).split())[:200]}")
-        else:
-            info("memory estimate: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
+            lines = [f"memory estimate: not available ({exc.one_line()})"]
+        except (OSError, ValueError) as exc:  # e.g. a pickled single file, whose family is known once it loads
+            lines = [f"memory estimate: not available ({' '.join(str(exc).split())[:200]})"]
+        for line in lines:
+            info(line)
         info("dry run: nothing trained")
         return
     typed = json.loads(os.environ[COMMAND_ENV]) if os.environ.get(COMMAND_ENV) else own_command

@@ -275,7 +275,10 @@ class BucketBatchSampler:
         self.set_position(state["epoch"], state["start"])
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        epoch, start = self.epoch, self.start
+        return self.keys(self.epoch, self.start)
+
+    def keys(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int, int, int]]]:
+        """The sample keys of every batch of `epoch` from batch `start` on."""
         for b, batch in enumerate(self.batches(epoch)[start:], start):
             yield [(item, epoch, b, slot) for slot, item in enumerate(batch)]
 

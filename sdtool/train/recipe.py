@@ -311,15 +311,10 @@ class FineTuneRecipe:
         return TextOutputs(settings, store, to_disk)
 
     def _text_encoder_rates(self) -> list[float | None]:
-        """The learning rate of each text encoder (None: frozen): `train_text_encoder` with the family's rate keys
-        (kohya's learning_rate_te, or learning_rate_te1/te2 for SDXL), the U-Net's rate when unset; 0 freezes one."""
-        t = self.t
-        rates: list[float | None] = []
-        for part in self.family.text_parts:
-            rate = getattr(t, part.lr_key)
-            rate = (t.learning_rate if rate is None else rate) if t.train_text_encoder else None
-            rates.append(None if rate == 0 else rate)
-        return rates
+        """The learning rate of each text encoder (None: frozen), as `precision.text_encoder_rates` decides."""
+        from sdtool.train.precision import text_encoder_rates
+
+        return text_encoder_rates(self.t, self.family)
 
     def _load_model(self) -> Any:
         from sdtool.models.loading import load_model
@@ -353,13 +348,10 @@ class FineTuneRecipe:
 
     def _vae_in_fp32(self) -> bool:
         """no_half_vae, or an fp16 run of a family whose VAE overflows in fp16 (SDXL) unless the VAE is a fixed one."""
-        if self.t.no_half_vae:
-            return True
-        import torch
+        from sdtool.train.precision import vae_in_fp32
 
         vae = self.model.vae
-        fixed = vae is not None and getattr(vae.config, "force_upcast", True) is False
-        return self.weight_dtype == torch.float16 and self.family.vae_overflows_in_fp16 and not fixed
+        return vae_in_fp32(self.t, self.family, getattr(vae.config, "force_upcast", None) if vae is not None else None)
 
     def _scaling_factor(self) -> float:
         if self.model.vae is not None:
