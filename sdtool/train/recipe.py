@@ -193,6 +193,12 @@ class FineTuneRecipe:
         )
 
         self.text_outputs = text_outputs = self._cache_text_outputs(encoders) if t.cache_text_encoder_outputs else None
+        self.encoders_parked = text_outputs is not None and device.type != "cpu"
+        if self.encoders_parked:
+            # Their outputs are cached and they do not train: off the accelerator until a sample needs them (as
+            # kohya does; the memory estimate counts them so).
+            for te in encoders:
+                te.to("cpu")
         self.latent_memory = memory  # latents cache_latents encoded for this run only (validation reads them too)
         dataset = TrainDataset(self.plan.items, self.plan.subsets, self.plan.seed, self.cached, memory, text_outputs)
         workers = min(t.max_data_loader_n_workers, usable_cpus())
@@ -678,6 +684,20 @@ class FineTuneRecipe:
         info(f"saved {out}")
         return out
 
+    @contextlib.contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        """The text encoders on the accelerator for a while (sampling), when cached outputs parked them on the CPU."""
+        if not self.encoders_parked:
+            yield
+            return
+        for te in self.text_encoders:
+            te.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for te in self.text_encoders:
+                te.to("cpu")
+
     def _weights_for_output(self) -> Any:
         import contextlib
 
@@ -815,7 +835,7 @@ class FineTuneRecipe:
         model = self.model
         vae = model.vae if model.vae is not None else self._sampling_vae()
         try:
-            with self._weights_for_output(), sampling_mode(self.hypernetwork):
+            with self._weights_for_output(), sampling_mode(self.hypernetwork), self._encoders_on_device():
                 paths = generate_samples(
                     model.unet if self.hypernetwork is not None else acc.unwrap_model(self.unet),
                     vae,
