@@ -87,70 +87,21 @@ class ShardedDataset:
 
 
 class ShardedCollate:
-    """The base collate, plus `batch["shard"]`; in a DataLoader worker, small tensors travel by value."""
+    """The base collate, plus `batch["shard"]`.
+
+    Tensors leave a DataLoader worker in shared memory (torch's way), never pickled by value: a message through the
+    pipe stays small, so a worker killed mid-send (a stop's grace period ending, the OOM killer) cannot leave
+    half a message that the training process would wait on forever.
+    """
 
     def __init__(self, base: Any):
         self.base = base
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch.utils.data
-
         shard = samples[0]["shard"]
         batch = self.base([{k: v for k, v in s.items() if k != "shard"} for s in samples])
         batch["shard"] = shard
-        if torch.utils.data.get_worker_info() is not None:
-            batch = by_value(batch)
         return batch
-
-
-# Below this size a tensor goes from a DataLoader worker to the training process as bytes through the pipe. Above
-# it, shared memory is cheaper than the copy.
-BY_VALUE_BYTES = 1 << 20
-
-
-class _TensorByValue:
-    """A small tensor that a worker pickles as its bytes; it unpickles as a plain tensor.
-
-    PyTorch hands every tensor from a worker over in shared memory, and the receiving process then fetches each
-    tensor's file descriptor from the worker, a round trip per tensor. The training process blocks on it, which
-    on a busy CPU costs a scheduling delay each time (cached latents, token ids and size numbers are a few
-    kilobytes: the round trips cost more than the data).
-    """
-
-    __slots__ = ("array",)
-
-    def __init__(self, tensor: Any):
-        self.array = tensor.numpy()
-
-    def __reduce__(self) -> tuple[Any, tuple[Any]]:
-        return _tensor_from_array, (self.array,)
-
-
-def _tensor_from_array(array: Any) -> Any:
-    """The tensor of an array a worker sent (copied if the unpickled buffer is read-only)."""
-    import torch
-
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
-
-
-def by_value(value: Any) -> Any:
-    """`value` (a batch: dicts, lists and tuples of tensors and plain values) with every small CPU tensor of a
-    dtype NumPy has wrapped to travel by value."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        small = value.numel() * value.element_size() < BY_VALUE_BYTES
-        if small and value.device.type == "cpu" and not value.requires_grad:
-            try:
-                return _TensorByValue(value)
-            except TypeError:  # a dtype NumPy lacks (bfloat16, float8): shared memory then
-                return value
-        return value
-    if isinstance(value, dict):
-        return {k: by_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(by_value(v) for v in value)
-    return value
 
 
 def make_loader(
@@ -195,12 +146,16 @@ def stop_workers(loader: Any) -> None:
     SIGTERM and then waits for them, must not be the first to ask them to stop. torch keeps the persistent iterator
     in the loader's `_iterator`; its `_shutdown_workers` is torch's own orderly shutdown (what its `__del__` runs).
     """
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        loader._iterator = None
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+    view = getattr(loader, "base_dataloader", None)
+    if view is not None and "_stream" in vars(view):  # epochs.EpochView: the one pass across epochs
+        view.close()
+    for holder in (loader, getattr(view, "loader", None)):
+        iterator = getattr(holder, "_iterator", None)
+        if holder is not None and iterator is not None:
+            holder._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def accelerator_options(train_text_encoder: bool, clip_skip: int | None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class EpochView:
     def __iter__(self) -> Iterator[Any]:
         epoch, start = self.sampler.epoch, self.sampler.start
         if self._stream is None or self._next != (epoch, start):
-            self._next = None
+            self.close()  # a stream at another position: its workers go now, in order
             self._stream = iter(self.loader)  # the spanning sampler starts at the sampler's position
         batches = len(self.sampler)
         stream = self._stream
@@ -61,6 +61,15 @@ class EpochView:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def close(self) -> None:
+        """Shut the stream's worker processes down (torch's own orderly shutdown). The stream usually stops mid-epoch
+        (the last step is rarely an epoch's last batch), and workers ignore SIGTERM (signals.py), so multiprocessing's
+        exit hook, which terminates daemon processes with SIGTERM and then waits for them, would wait forever."""
+        stream, self._stream, self._next = self._stream, None, None
+        shutdown = getattr(stream, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __getattr__(self, name: str) -> Any:
         if name == "loader":  # not set yet (unpickling): no recursion
