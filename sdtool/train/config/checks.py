@@ -207,14 +207,7 @@ def _check_model_flags(cfg: TrainConfig, problems: list[str]) -> None:
     if cfg.v_parameterization is None or not (folder / "unet" / "config.json").is_file():
         return
 
-    def read(rel: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads((folder / rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    scheduler = read("scheduler/scheduler_config.json")
+    scheduler = _config_json(folder / "scheduler/scheduler_config.json")
     if cfg.v_parameterization is not None and scheduler is not None:
         predicts = scheduler.get("prediction_type", "epsilon")
         if cfg.v_parameterization != (predicts == "v_prediction"):
@@ -321,14 +314,9 @@ def _check_resume_family(cfg: TrainConfig, state_file: Path, problems: list[str]
     if saved not in families.NAMES or not (folder / "unet" / "config.json").is_file():
         return
 
-    def read(rel: str) -> dict[str, Any] | None:
-        try:
-            data = json.loads((folder / rel).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    current = families.detect_configs(read("unet/config.json"), read("text_encoder/config.json"))
+    current = families.detect_configs(
+        _config_json(folder / "unet/config.json"), _config_json(folder / "text_encoder/config.json")
+    )
     if current is not None and current.name != saved:
         problems.append(
             f"resume: the state was trained on an {families.by_name(saved).title} model, but {folder} is "
@@ -464,3 +452,12 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _config_json(path: Path) -> dict[str, Any] | None:
+    """A model config's JSON object, or None when it cannot be read (the model's loading reports that)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
