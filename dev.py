@@ -2,7 +2,7 @@
 """Set up sdtool's development environment when needed, then run the demo or the tests.
 
     python3 dev.py demo [sdtool demo options]   # set up if needed, then run the demo
-    python3 dev.py test [pytest options]        # set up if needed, then ruff, mypy and the test suite
+    python3 dev.py test [pytest options]        # set up if needed, then ruff, mypy and the whole test suite
     python3 dev.py setup                        # only the set-up
 
 Set-up (stdlib only, so it runs on a bare Python >= 3.11):
@@ -162,7 +162,8 @@ def main(argv: list[str]) -> int:
     for name, cmd in [
         ("ruff", [str(python), "-m", "ruff", "check", "."]),
         ("mypy", [str(python), "-m", "mypy", "sdtool"]),
-        ("pytest", [str(python), "-m", "pytest", "-n", "2", "--durations=15"]),
+        # -m "": every test, the `slow` ones too (pyproject's addopts leave them out of a plain `python -m pytest`)
+        ("pytest", [str(python), "-m", "pytest", "-n", "2", "-m", "", "--durations=15"]),
     ]:
         say("$ " + shlex.join(cmd[1:]))
         if subprocess.run(cmd).returncode != 0:
