@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import unicodedata
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -94,18 +95,23 @@ def iter_batches(
     n_workers = min(default_workers(workers), max(1, len(paths)))
     if workers == 0:
         n_workers = 0
-    loader: DataLoader[Any] = DataLoader(
-        _ImageDataset(paths, preprocess),  # type: ignore[arg-type]
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=_Collate(stack),
-        prefetch_factor=4 if n_workers else None,
-        # A private generator: creating the worker iterator must not consume the global RNG, so --seed gives the
-        # same captions with any --workers value.
-        generator=torch.Generator(),
-    )
-    yield from loader
+    with warnings.catch_warnings():
+        # torch warns when the workers outnumber the usable cores; the default never does (one per core), so only an
+        # explicit --workers can, and that is the user's choice (image decoding also waits on the disk).
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader: DataLoader[Any] = DataLoader(
+            _ImageDataset(paths, preprocess),  # type: ignore[arg-type]
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=n_workers,
+            collate_fn=_Collate(stack),
+            prefetch_factor=4 if n_workers else None,
+            # A private generator: creating the worker iterator must not consume the global RNG, so --seed gives
+            # the same captions with any --workers value.
+            generator=torch.Generator(),
+        )
+        batches = iter(loader)  # the workers start here (torch checks their number again)
+    yield from batches
 
 
 def check_extension(extension: str, flag: str) -> str:

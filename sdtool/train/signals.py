@@ -57,14 +57,20 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         # torch's DataLoader raises from its SIGCHLD handler, anywhere in this thread, when a worker dies. After a
         # stop request a dying worker is expected (the job is being torn down) and must not cut a save short; the
-        # loader still notices a dead worker when it is next asked for a batch (see `batches`).
+        # loader still notices a dead worker when it is next asked for a batch (see `batches`). A Python handler
+        # that does nothing, not SIG_DFL: a SIGCHLD already pending would find no Python handler, and Python would
+        # print "Signal 17 ignored due to race condition" with a traceback.
         if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, _child_exited)
         warn(f"{self.signal_name}: finishing this step, then saving a state (Ctrl-C again to stop without saving)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _child_exited(signum: int, frame: Any) -> None:
+    """SIGCHLD after a stop request: nothing to do (see `StopRequest._handle`)."""
 
 
 def batches(loader: Iterable[Any], stop: StopRequest) -> Iterator[Any]:
