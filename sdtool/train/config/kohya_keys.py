@@ -28,6 +28,18 @@ _LATER = "not implemented yet in sdtool"
 _NO_EFFECT = "has no effect on SD1/2 fine-tuning in kohya either"
 
 
+# kohya's DeepSpeed options: each only means something with `deepspeed = true`.
+_DEEPSPEED_OPTIONS = (
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_optimizer_nvme_path",
+    "offload_param_device",
+    "offload_param_nvme_path",
+    "zero3_init_flag",
+    "zero3_save_16bit_model",
+    "fp16_master_weights_and_gradients",
+)
+
 UNSUPPORTED_KEYS: dict[str, str] = {
     **dict.fromkeys(
         (
@@ -61,17 +73,7 @@ UNSUPPORTED_KEYS: dict[str, str] = {
         _LATER,
     ),
     **dict.fromkeys(
-        (
-            "deepspeed",
-            "zero_stage",
-            "offload_optimizer_device",
-            "offload_optimizer_nvme_path",
-            "offload_param_device",
-            "offload_param_nvme_path",
-            "zero3_init_flag",
-            "zero3_save_16bit_model",
-            "fp16_master_weights_and_gradients",
-        ),
+        ("deepspeed", *_DEEPSPEED_OPTIONS),
         "DeepSpeed is set up in an accelerate config (distributed_type: DEEPSPEED, deepspeed_config), started with "
         "sdtool train --accelerate-config FILE or accelerate launch; see docs/multi-gpu.md",
     ),
@@ -184,19 +186,7 @@ KOHYA_DEFAULTS: dict[str, tuple[Any, ...]] = {
 # Keys whose value matters only while another key is on.
 ONLY_WITH: dict[str, str] = {
     "dynamo_backend": "torch_compile",
-    **dict.fromkeys(
-        (
-            "zero_stage",
-            "offload_optimizer_device",
-            "offload_optimizer_nvme_path",
-            "offload_param_device",
-            "offload_param_nvme_path",
-            "zero3_init_flag",
-            "zero3_save_16bit_model",
-            "fp16_master_weights_and_gradients",
-        ),
-        "deepspeed",
-    ),
+    **dict.fromkeys(_DEEPSPEED_OPTIONS, "deepspeed"),
 }
 
 
