@@ -157,6 +157,7 @@ def metadata_texts(metadata_path: str | Path, image_dir: str | Path | None = Non
     """(image, caption) of every entry, the caption as training sees it with the default caption options (caption
     and tags joined with ","; no prefix, suffix or keep_tokens). Training with other options encodes its own."""
     from sdtool.captions import CaptionRules, assemble_caption, fixed_caption
+    from sdtool.errors import InputError
     from sdtool.metadata import ImageResolver, read_metadata
 
     metadata_path = Path(metadata_path)
@@ -166,7 +167,7 @@ def metadata_texts(metadata_path: str | Path, image_dir: str | Path | None = Non
     for key, entry in read_metadata(metadata_path).items():
         try:
             image = resolver.resolve(key)
-        except Exception:  # an unusable key is the latent cache's to report
+        except InputError:  # an unusable key is the latent cache's to report
             continue
         text = assemble_caption(entry.get("caption"), entry.get("tags"), rules.caption_separator)
         out.append((image, fixed_caption(text, rules)))
