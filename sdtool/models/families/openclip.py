@@ -6,9 +6,11 @@ and `text_projection` stored as OpenCLIP's `[width, embed_dim]` matrix, the tran
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sdtool.errors import ModelError
@@ -88,6 +90,16 @@ def openclip_to_ldm(
         for key in [k for k in out if k.startswith(last)]:
             out.setdefault(extra + key[len(last) :], out[key].clone())
     return out
+
+
+def saved_layer_count(config_dir: Path, folder: str, what: str) -> int:
+    """`num_hidden_layers` of the text encoder saved in `config_dir/folder`, which the LDM extras need; ModelError
+    naming the file when it cannot be read."""
+    path = config_dir / folder / "config.json"
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot read {what}'s layer count ({exc})") from exc
 
 
 def openclip_extras(ldm: Mapping[str, Any], prefix: str, num_layers: int, *, keep_projection: bool) -> dict[str, Any]:

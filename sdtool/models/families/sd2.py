@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sdtool.errors import ModelError
 from sdtool.models import ldm_keys
 from sdtool.models.families import openclip
 from sdtool.models.families.base import ModelFamily, TextPart
@@ -46,14 +45,7 @@ class SD2Family(ModelFamily):
         return openclip_to_ldm(encoder.state_dict(), extras) if encoder is not None else {}
 
     def ldm_extras(self, state_dict: Mapping[str, Any], config_dir: Path) -> dict[str, Any]:
-        import json
-
-        path = config_dir / "text_encoder" / "config.json"
-        try:
-            layers = int(json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{path}: cannot read the text encoder's layer count ({exc})") from exc
-        return openclip_extras(state_dict, layers)
+        return openclip_extras(state_dict, openclip.saved_layer_count(config_dir, "text_encoder", "the text encoder"))
 
 
 SD2 = SD2Family()

@@ -18,7 +18,6 @@ or ComfyUI's marker keys `v_pred` (and `ztsnr` for zero terminal SNR), which sdt
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -78,11 +77,7 @@ class SDXLFamily(ModelFamily):
         return out
 
     def ldm_extras(self, state_dict: Mapping[str, Any], config_dir: Path) -> dict[str, Any]:
-        path = config_dir / "text_encoder_2" / "config.json"
-        try:
-            layers = int(json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{path}: cannot read the second text encoder's layer count ({exc})") from exc
+        layers = openclip.saved_layer_count(config_dir, "text_encoder_2", "the second text encoder")
         return openclip.openclip_extras(state_dict, OPENCLIP_G_PREFIX, layers, keep_projection=False)
 
     def ldm_markers(self, v_prediction: bool, zero_terminal_snr: bool) -> dict[str, Any]:
